@@ -127,9 +127,8 @@ def check_image_size(image_size: int, downsample: int, owner: str) -> None:
         )
 
 
-def build_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
-    """Build a tokenizer from its `spec()` (class_path + init_args); only Tokenizer subclasses."""
-    class_path = spec.get("class_path")
+def resolve_tokenizer_class(class_path: str) -> type[Tokenizer]:
+    """Import `class_path` and check that it names a Tokenizer subclass (nothing else is built)."""
     if not isinstance(class_path, str) or "." not in class_path:
         raise ValueError(f"tokenizer spec needs a dotted 'class_path', got {class_path!r}")
     module_name, _, name = class_path.rpartition(".")
@@ -139,4 +138,10 @@ def build_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
         raise ValueError(f"tokenizer class {class_path!r} cannot be imported: {err}") from err
     if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
         raise ValueError(f"{class_path!r} is not a subclass of arzoo.tokenizers.Tokenizer")
+    return cls
+
+
+def build_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
+    """Build a tokenizer from its `spec()` (class_path + init_args)."""
+    cls = resolve_tokenizer_class(spec.get("class_path"))
     return cls(**dict(spec.get("init_args") or {}))

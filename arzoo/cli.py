@@ -1,0 +1,45 @@
+"""The `arzoo` command: LightningCLI's `fit | validate | test | predict` over any arzoo model and data.
+
+Models and data are chosen by `class_path` in a recipe (subclass mode), so every tokenizer,
+generator and data module is reachable from YAML. Later subcommands (`sample`, `bench`,
+`convert`) are added in `ArzooCLI.subcommands` and as methods of `ArzooTrainer`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+
+class ArzooTrainer(L.Trainer):
+    """Lightning's Trainer; arzoo's extra subcommands become methods here (their signature = their options)."""
+
+
+class ArzooCLI(LightningCLI):
+    """LightningCLI with arzoo's defaults: subclass mode, OmegaConf interpolation, overwrite-safe config saving."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Subcommand name -> the arguments it takes from the model/datamodule (extended by later commands)."""
+        return dict(LightningCLI.subcommands())
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of the `arzoo` console script and of `python -m arzoo`."""
+    if args is None and len(sys.argv) == 1:
+        args = ["--help"]
+    return ArzooCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        trainer_class=ArzooTrainer,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        # a second run in the same folder replaces config.yaml instead of failing on it
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"},
+        auto_configure_optimizers=False,
+        args=args,
+    )

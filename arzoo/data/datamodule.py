@@ -1,0 +1,149 @@
+"""`ImageDataModule`: one LightningDataModule for every image source arzoo trains on."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Subset
+
+from arzoo.data.datasets import ImageDataset, TensorImageDataset, collate_images, pil_to_tensor
+from arzoo.data.sources import find_columns, load_digits_arrays, load_folder, load_hub, parse_source, seeded_split
+
+log = logging.getLogger(__name__)
+
+VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images in [-1, 1] with integer labels, from `digits`, `hf:<name>` or `folder:<path>`.
+
+    Batches are dicts: `image` (B, 3, S, S) float, `label` (B,) int64 (-1 when the source has
+    no labels). Unreadable images are skipped; each is reported once and counted in `num_skipped`.
+    """
+
+    def __init__(
+        self,
+        source: str = "digits",
+        image_size: int = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        hflip: bool = False,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        train_split: str = "train",
+        val_split: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = parse_source(source)  # fail at construction, not after the model is built
+        if image_size <= 0:
+            raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.save_hyperparameters()
+        self.source = source
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.hflip = hflip
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.train_split = train_split
+        self.val_split = val_split
+        self.num_classes = 0
+        self.class_names: list[str] = []
+        self.train_set: torch.utils.data.Dataset | None = None
+        self.val_set: torch.utils.data.Dataset | None = None
+        self.skipped: set[str] = set()
+
+    @property
+    def num_skipped(self) -> int:
+        """How many distinct unreadable images were skipped so far."""
+        return len(self.skipped)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the source once; later calls reuse it."""
+        if self.train_set is not None:
+            return
+        if self.spec.kind == "digits":
+            self._setup_digits()
+        else:
+            table = load_folder(self.spec.target) if self.spec.kind == "folder" else load_hub(self.spec.target)
+            self._setup_table(table)
+
+    def _setup_digits(self) -> None:
+        from PIL import Image
+
+        images, labels = load_digits_arrays()
+        tensors = torch.stack([pil_to_tensor(Image.fromarray(img), self.image_size) for img in images])
+        train_idx, val_idx = seeded_split(len(images), self.val_fraction, self.split_seed)
+        labels_t = torch.from_numpy(labels)
+        self.train_set = TensorImageDataset(tensors[train_idx], labels_t[train_idx], hflip=self.hflip)
+        self.val_set = TensorImageDataset(tensors[val_idx], labels_t[val_idx], hflip=False)
+        self.num_classes = 10
+        self.class_names = [str(i) for i in range(10)]
+
+    def _setup_table(self, table: Any) -> None:
+        if self.train_split not in table:
+            raise ValueError(f"{self.source!r} has no split {self.train_split!r}; it has {list(table)}")
+        train = table[self.train_split]
+        image_col, label_col = find_columns(train.features)
+        if label_col is not None and hasattr(train.features[label_col], "names"):
+            self.class_names = list(train.features[label_col].names)
+            self.num_classes = len(self.class_names)
+        val_name = self.val_split or next((s for s in VAL_SPLIT_NAMES if s in table), None)
+        if val_name is not None and val_name not in table:
+            raise ValueError(f"{self.source!r} has no split {val_name!r}; it has {list(table)}")
+
+        def make(split: Any, hflip: bool) -> ImageDataset:
+            return ImageDataset(split, image_col, label_col, self.image_size, hflip=hflip)
+
+        if val_name is not None:
+            self.train_set, self.val_set = make(train, self.hflip), make(table[val_name], False)
+        else:
+            if len(train) < 2:
+                raise ValueError(f"{self.source!r} has {len(train)} image(s); need at least 2 to split off validation")
+            train_idx, val_idx = seeded_split(len(train), self.val_fraction, self.split_seed)
+            self.train_set = Subset(make(train, self.hflip), train_idx)
+            self.val_set = Subset(make(train, False), val_idx)
+
+    def _loader(self, dataset: torch.utils.data.Dataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            self.setup()
+            return self._loader(self.train_set if shuffle else self.val_set, shuffle)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_images,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Record unreadable images (in the main process, whatever the worker count) and drop the list."""
+        for name in batch.pop("skipped", []):
+            if name not in self.skipped:
+                self.skipped.add(name)
+                rank_zero_warn(f"skipping unreadable image {name}; {self.num_skipped} skipped so far")
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        if self.skipped:
+            log.warning("%d unreadable image(s) were skipped during %s", self.num_skipped, stage)
