@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import lightning as L
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 
@@ -31,6 +32,9 @@ def main(args: list[str] | None = None) -> Any:
     """Entry point of the `arzoo` console script and of `python -m arzoo`."""
     if args is None and len(sys.argv) == 1:
         args = ["--help"]
+    # Recipes write interpolations from the top of the config (`${data.init_args.image_size}`);
+    # under a subcommand the real path starts with `fit.`, so let jsonargparse make them relative.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return ArzooCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -39,7 +43,8 @@ def main(args: list[str] | None = None) -> Any:
         subclass_mode_data=True,
         # a second run in the same folder replaces config.yaml instead of failing on it
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"},
+        # "omegaconf+" resolves ${...} interpolations after CLI overrides, so overrides propagate
+        parser_kwargs={"parser_mode": "omegaconf+"},
         auto_configure_optimizers=False,
         args=args,
     )
