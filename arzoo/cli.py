@@ -8,8 +8,6 @@ generator and data module is reachable from YAML. Later subcommands (`sample`, `
 from __future__ import annotations
 
 import sys
-from typing import Any
-
 import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
@@ -28,14 +26,14 @@ class ArzooCLI(LightningCLI):
         return dict(LightningCLI.subcommands())
 
 
-def main(args: list[str] | None = None) -> Any:
+def main(args: list[str] | None = None) -> None:
     """Entry point of the `arzoo` console script and of `python -m arzoo`."""
     if args is None and len(sys.argv) == 1:
         args = ["--help"]
     # Recipes write interpolations from the top of the config (`${data.init_args.image_size}`);
     # under a subcommand the real path starts with `fit.`, so let jsonargparse make them relative.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    return ArzooCLI(
+    ArzooCLI(
         L.LightningModule,
         L.LightningDataModule,
         trainer_class=ArzooTrainer,

@@ -368,3 +368,18 @@ def test_load_vqvae_errors(tmp_path: Path) -> None:
     del state["quant_conv.bias"]
     with pytest.raises(ValueError, match=r"1 missing: \['quant_conv\.bias'\]"):
         load_vqvae(state, **TINY)
+
+
+@pytest.mark.parametrize("eini", [0.0, 0.05, -1.0])
+def test_codebook_init_follows_official_eini(eini):
+    torch.manual_seed(0)
+    tok = MultiScaleVQTokenizer(image_size=8, vocab_size=512, z_channels=8, ch=32, ch_mult=(1, 2),
+                                num_res_blocks=1, patch_nums=(1, 2, 4), codebook_init=eini)
+    w = tok.quantize.embedding.weight
+    if eini == 0:  # nn.Embedding's default N(0, 1)
+        assert 0.9 < w.std().item() < 1.1
+    elif eini > 0:
+        assert abs(w.std().item() - eini) < 0.01 * 2 and w.abs().max().item() <= 2.0
+    else:
+        assert w.abs().max().item() <= abs(eini) / 512
+    assert tok.spec()["init_args"]["codebook_init"] == eini

@@ -309,6 +309,15 @@ class MultiScaleResidualQuantizer(nn.Module):
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(num_scales, vocab_size))
         self.embedding = nn.Embedding(vocab_size, codebook_dim)
 
+    @torch.no_grad()
+    def init_codebook(self, eini: float) -> None:
+        """The official `eini` codebook init: 0 keeps N(0, 1), > 0 truncated normal (std eini), < 0 U(+-|eini|/V)."""
+        if eini > 0:
+            nn.init.trunc_normal_(self.embedding.weight, std=eini)
+        elif eini < 0:
+            bound = abs(eini) / self.vocab_size
+            self.embedding.weight.uniform_(-bound, bound)
+
     @property
     def num_scales(self) -> int:
         """SN, the number of scales."""
@@ -432,6 +441,7 @@ class MultiScaleVQTokenizer(Tokenizer):
         patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
         using_sa: bool = True,
         using_mid_sa: bool = True,
+        codebook_init: float = 0.0,
     ) -> None:
         super().__init__()
         ch_mult = _as_int_tuple(ch_mult, "ch_mult")
@@ -453,6 +463,7 @@ class MultiScaleVQTokenizer(Tokenizer):
             patch_nums=patch_nums,
             using_sa=using_sa,
             using_mid_sa=using_mid_sa,
+            codebook_init=codebook_init,
         )
         owner = type(self).__name__
         if len(ch_mult) == 0 or any(m <= 0 for m in ch_mult):
@@ -491,6 +502,7 @@ class MultiScaleVQTokenizer(Tokenizer):
             share_quant_resi=share_quant_resi,
             default_qresi_counts=default_qresi_counts,
         )
+        self.quantize.init_codebook(codebook_init)
         pad = quant_conv_ks // 2  # keeps the P x P grid
         self.quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, stride=1, padding=pad)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, stride=1, padding=pad)
