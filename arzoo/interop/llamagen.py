@@ -1,7 +1,8 @@
 """Load official LlamaGen (FoundationVision/LlamaGen) configs and checkpoints into arzoo modules.
 
 Sections:
-* Checkpoint files: reading a file safely and finding the state dict inside it (shared by all parts).
+* Checkpoint files: read with `arzoo.checkpoint_io` (`load_checkpoint_file` and `extract_state_dict`
+  are re-exported from there).
 * VQ tokenizer: `ModelArgs` of `tokenizer/tokenizer_image/vq_model.py` -> `VQTokenizer` kwargs, the
   VQ-16 / VQ-8 presets and `load_vq_tokenizer`.
 
@@ -10,125 +11,23 @@ Facts used here are in tests/fixtures/parity/llamagen/SPEC.md (sections 2 and 5)
 
 from __future__ import annotations
 
-import argparse
-import pickle
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-import torch
-
+from arzoo.checkpoint_io import describe_state_dict_mismatch, extract_state_dict
+from arzoo.checkpoint_io import read_checkpoint as load_checkpoint_file
 from arzoo.tokenizers.vq import VQTokenizer
 
-# ================================================================================================
-# Checkpoint files (shared)
-# ================================================================================================
-
-# Where official training scripts put the weights; the official samplers try "model", then
-# "module", then "state_dict". "ema" (written next to "model" by EMA runs) is the last resort.
-STATE_DICT_KEYS = ("model", "module", "state_dict", "ema")
-# Added by DDP (`module.`) and by saving a `torch.compile`d module (`_orig_mod.`).
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def load_checkpoint_file(path: str | Path) -> Any:
-    """`torch.load(path, map_location="cpu", weights_only=True)` with clear errors for bad files.
-
-    `argparse.Namespace` is allow-listed: LlamaGen's DDP checkpoints store the training `args` as one.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist (or is not a file)")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    # The weights-only unpickler raises almost anything (IndexError, KeyError...) on junk bytes.
-    except Exception as err:  # noqa: BLE001
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        hint = ""
-        if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
-            hint = (
-                " The file pickles objects other than tensors and plain containers; re-save just "
-                "its state dict (e.g. torch.save({'model': ckpt['model']}, path)) from a trusted "
-                "environment."
-            )
-        raise ValueError(
-            f"{str(path)!r} is not a readable torch checkpoint (torch.load with weights_only=True "
-            f"failed: {type(err).__name__}: {first_line}).{hint}"
-        ) from err
-
-
-def _is_state_dict(obj: Any) -> bool:
-    """A non-empty mapping of names to tensors."""
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-    )
-
-
-def _strip_wrapper_prefixes(key: str) -> str:
-    """Drop leading `module.` / `_orig_mod.` (in any order, repeated) from one key."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
-
-
-def extract_state_dict(obj: Any, key: str | None = None) -> dict[str, torch.Tensor]:
-    """A bare state dict, or a checkpoint holding one under `key` (default: the first of
-    "model", "module", "state_dict", "ema") -> the state dict with wrapper prefixes stripped."""
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"expected a state dict or a checkpoint dict, got {type(obj).__name__}")
-    if key is not None:
-        if key not in obj:
-            raise ValueError(
-                f"checkpoint has no {key!r} entry; its top-level keys are {sorted(map(str, obj))[:10]}"
-            )
-        found = obj[key]
-    else:
-        found = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), obj)
-    if not _is_state_dict(found):
-        raise ValueError(
-            "could not find a state dict (a mapping of names to tensors) in the checkpoint: looked "
-            f"under {list(STATE_DICT_KEYS) if key is None else [key]} and at the top level; top-level "
-            f"keys are {sorted(map(str, obj))[:10]}"
-        )
-    state_dict: dict[str, torch.Tensor] = {}
-    for name, tensor in found.items():
-        new_name = _strip_wrapper_prefixes(name)
-        if new_name in state_dict:
-            raise ValueError(
-                f"state dict key {name!r} collides with another key after removing wrapper prefixes"
-            )
-        state_dict[new_name] = tensor
-    return state_dict
-
-
-def _describe_mismatch(
-    expected: Mapping[str, torch.Size],
-    got: Mapping[str, torch.Tensor],
-    optional: set[str],
-    limit: int = 5,
-) -> list[str]:
-    """Human-readable lines for missing / unexpected / wrongly shaped keys (empty when they fit)."""
-    missing = [k for k in expected if k not in got and k not in optional]
-    unexpected = [k for k in got if k not in expected and k not in optional]
-    shapes = [
-        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k])}"
-        for k in expected
-        if k in got and tuple(got[k].shape) != tuple(expected[k])
-    ]
-    lines = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-            lines.append(f"{len(items)} {title}: {items[:limit]}{more}")
-    return lines
-
+__all__ = [
+    "VQ_8",
+    "VQ_16",
+    "VQ_PRESETS",
+    "extract_state_dict",
+    "load_checkpoint_file",
+    "load_vq_tokenizer",
+    "vq_kwargs_from_official",
+]
 
 # ================================================================================================
 # VQ tokenizer (tokenizer/tokenizer_image/vq_model.py)
@@ -210,23 +109,25 @@ def load_vq_tokenizer(
     if preset not in VQ_PRESETS:
         raise ValueError(f"unknown LlamaGen VQ preset {preset!r}; choose one of {sorted(VQ_PRESETS)}")
     config = {**VQ_PRESETS[preset], **kwargs}
-    raw = load_checkpoint_file(source) if isinstance(source, (str, Path)) else source
-    where = str(source) if isinstance(source, (str, Path)) else "the given mapping"
+    is_path = isinstance(source, (str, Path))
+    raw = load_checkpoint_file(source, "LlamaGen VQ checkpoint") if is_path else source
+    where = str(source) if is_path else "the given mapping"
     state_dict = extract_state_dict(raw)
 
     tokenizer = VQTokenizer(**config)
     expected = {k: v.shape for k, v in tokenizer.state_dict().items()}
-    # Only usage statistics: upstream keeps it out of checkpoints when show_usage is off.
-    optional = {"quantize.codebook_used"}
-    problems = _describe_mismatch(expected, state_dict, optional)
-    if problems:
-        overrides = f" with overrides {kwargs}" if kwargs else ""
-        raise ValueError(
-            f"checkpoint {where} does not fit VQTokenizer built from preset {preset!r}{overrides}: "
-            + "; ".join(problems)
-            + ". Pick the matching preset (VQ-16: ch_mult [1,1,2,2,4], VQ-8: [1,2,2,4]) or pass the "
-            "checkpoint's config as keyword arguments."
-        )
+    overrides = f" with overrides {kwargs}" if kwargs else ""
+    problem = describe_state_dict_mismatch(
+        expected,
+        state_dict,
+        context=f"checkpoint {where} does not fit VQTokenizer built from preset {preset!r}{overrides}",
+        hint="Pick the matching preset (VQ-16: ch_mult [1,1,2,2,4], VQ-8: [1,2,2,4]) or pass the "
+        "checkpoint's config as keyword arguments.",
+        # Only usage statistics: upstream keeps it out of checkpoints when show_usage is off.
+        optional={"quantize.codebook_used"},
+    )
+    if problem:
+        raise ValueError(problem)
     load = {k: v for k, v in state_dict.items() if k in expected}
     tokenizer.load_state_dict(load, strict=False)
     return tokenizer.eval()

@@ -1,7 +1,8 @@
 """Load official VAR (FoundationVision/VAR) configs and checkpoints into arzoo modules.
 
 Sections:
-* Checkpoint files: reading a file safely and finding the state dict inside it.
+* Checkpoint files: read with `arzoo.checkpoint_io` (`load_checkpoint_file` and `extract_state_dict`
+  are re-exported from there).
 * VQVAE tokenizer: `models/vqvae.py` constructor kwargs -> `MultiScaleVQTokenizer` kwargs, the
   released 256px preset `VAR_VQVAE_256` and `load_vqvae`.
 * (VAR transformer: added in its own section below.)
@@ -15,8 +16,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-import torch
-
+from arzoo.checkpoint_io import describe_state_dict_mismatch, extract_state_dict
+from arzoo.checkpoint_io import read_checkpoint as load_checkpoint_file
 from arzoo.tokenizers.multiscale_vq import MultiScaleVQTokenizer
 
 __all__ = [
@@ -26,94 +27,6 @@ __all__ = [
     "load_vqvae",
     "vqvae_kwargs_from_official",
 ]
-
-# ================================================================================================
-# Checkpoint files
-# ================================================================================================
-
-# Where training scripts put the weights, tried in this order; the released VAR files are bare.
-STATE_DICT_KEYS = ("model", "state_dict", "module", "ema")
-# Added by DDP (`module.`) and by saving a `torch.compile`d module (`_orig_mod.`).
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def load_checkpoint_file(path: str | Path) -> Any:
-    """`torch.load(path, map_location="cpu", weights_only=True)` with clear errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist (or is not a file)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a corrupt file can make the unpickler raise almost anything
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(
-            f"{str(path)!r} is not a readable torch checkpoint (torch.load with weights_only=True "
-            f"failed): {type(err).__name__}: {first_line}"
-        ) from err
-
-
-def _is_state_dict(obj: Any) -> bool:
-    """A non-empty mapping of names to tensors."""
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-    )
-
-
-def _strip_wrapper_prefixes(key: str) -> str:
-    """Drop leading `module.` / `_orig_mod.` (in any order, repeated) from one key."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
-
-
-def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """A bare state dict, or a checkpoint holding one under "model" / "state_dict" / "module" / "ema"
-    -> the state dict with `module.` / `_orig_mod.` prefixes stripped."""
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"expected a state dict or a checkpoint dict, got {type(obj).__name__}")
-    found: Any = obj
-    if not _is_state_dict(obj):
-        found = next((obj[k] for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
-    if found is None:
-        raise ValueError(
-            "could not find a state dict (a mapping of names to tensors) in the checkpoint: looked at the "
-            f"top level and under {list(STATE_DICT_KEYS)}; top-level keys are {sorted(map(str, obj))[:10]}"
-        )
-    state_dict: dict[str, torch.Tensor] = {}
-    for name, tensor in found.items():
-        new_name = _strip_wrapper_prefixes(name)
-        if new_name in state_dict:
-            raise ValueError(
-                f"state dict key {name!r} collides with another key after removing wrapper prefixes"
-            )
-        state_dict[new_name] = tensor
-    return state_dict
-
-
-def _describe_mismatch(
-    expected: Mapping[str, torch.Size], got: Mapping[str, torch.Tensor], optional: set[str], limit: int = 5
-) -> list[str]:
-    """Human-readable lines for missing / unexpected / wrongly shaped keys (empty when they fit)."""
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k])}"
-        for k in expected
-        if k in got and k not in optional and tuple(got[k].shape) != tuple(expected[k])
-    ]
-    lines = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-            lines.append(f"{len(items)} {title}: {items[:limit]}{more}")
-    return lines
-
 
 # ================================================================================================
 # VQVAE tokenizer (models/vqvae.py, models/quant.py, models/basic_vae.py)
@@ -238,7 +151,8 @@ def load_vqvae(source: str | Path | Mapping[str, Any], **kwargs: Any) -> MultiSc
     without `image_size`, the image size follows from it) and loaded strictly; an
     `ema_vocab_hit_SV` made for another number of scales is accepted, as in the official code.
     """
-    raw = load_checkpoint_file(source) if isinstance(source, (str, Path)) else source
+    is_path = isinstance(source, (str, Path))
+    raw = load_checkpoint_file(source, "VAR VQVAE checkpoint") if is_path else source
     state_dict = extract_state_dict(raw)
     init_args = {**VAR_VQVAE_256, **kwargs}
     if "patch_nums" in kwargs and "image_size" not in kwargs:
@@ -246,16 +160,19 @@ def load_vqvae(source: str | Path | Mapping[str, Any], **kwargs: Any) -> MultiSc
         init_args["image_size"] = list(init_args["patch_nums"])[-1] * downsample
     model = MultiScaleVQTokenizer(**init_args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    problems = _describe_mismatch(expected, state_dict, optional={"quantize.ema_vocab_hit_SV"})
-    if problems:
-        where = f"{str(source)!r}" if isinstance(source, (str, Path)) else "the given state dict"
-        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-        raise ValueError(
-            f"{where} does not fit MultiScaleVQTokenizer({given}) "
-            f"({len(expected)} keys expected, {len(state_dict)} given): " + "; ".join(problems)
-            + ". Was the checkpoint made with other constructor arguments (e.g. ch, vocab_size, z_channels, "
-            "ch_mult, share_quant_resi)? Pass them as keyword arguments."
-        )
+    where = f"{str(source)!r}" if is_path else "the given state dict"
+    given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    problem = describe_state_dict_mismatch(
+        expected,
+        state_dict,
+        context=f"{where} does not fit MultiScaleVQTokenizer({given})",
+        hint="Was the checkpoint made with other constructor arguments (e.g. ch, vocab_size, z_channels, "
+        "ch_mult, share_quant_resi)? Pass them as keyword arguments.",
+        # MultiScaleVQTokenizer replaces one made for another number of scales (as the official code).
+        any_shape={"quantize.ema_vocab_hit_SV"},
+    )
+    if problem:
+        raise ValueError(problem)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
 

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import torch
-
+from arzoo.checkpoint_io import read_checkpoint
 from arzoo.tokenizers.base import Tokenizer, resolve_tokenizer_class
-
-
-def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """`torch.load(path, weights_only=True)` with clear errors for a missing or unreadable file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt zip, truncated file, a pickle with code in it...
-        raise ValueError(
-            f"{what} {str(path)!r} could not be read as a torch checkpoint with weights_only=True "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        ) from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{what} {str(path)!r} holds a {type(obj).__name__}, expected a checkpoint dict")
-    return obj
 
 
 def load_tokenizer(path: str | Path, expected: type[Tokenizer] | None = None) -> Tokenizer:
     """The frozen tokenizer saved in a TokenizerModule checkpoint; `expected` checks its kind."""
     ckpt = read_checkpoint(path, "tokenizer checkpoint")
+    if not isinstance(ckpt, dict):
+        raise ValueError(
+            f"tokenizer checkpoint {str(path)!r} holds a {type(ckpt).__name__}, expected a checkpoint dict"
+        )
     spec = (ckpt.get("hyper_parameters") or {}).get("tokenizer")
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(

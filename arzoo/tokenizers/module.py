@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -150,6 +151,8 @@ class TokenizerModule(L.LightningModule):
             lr=self.hparams.lr,
             betas=tuple(self.hparams.betas),
         )
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        # no max_steps/max_epochs: keep the LR constant after warmup instead of a cosine of unknown length
+        total = int(total) if math.isfinite(total) else 0
         scheduler = warmup_cosine_scheduler(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
