@@ -32,9 +32,10 @@ def test_fit_writes_checkpoint_grid_and_reloads(name, tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(RECIPES[name]), *QUICK])
     run = tmp_path / f"runs/digits/tokenizer_{name}"
-    assert (run / "last.ckpt").is_file() and (run / "recon.png").is_file() and (run / "config.yaml").is_file()
-    assert "recon.png" in capsys.readouterr().out
-    metrics = (run / "metrics.csv").read_text()
+    logs = run / "version_0"
+    assert (run / "last.ckpt").is_file() and (logs / "recon.png").is_file() and (logs / "config.yaml").is_file()
+    assert "version_0/recon.png" in capsys.readouterr().out
+    metrics = (logs / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/psnr" in metrics and "val/codebook_usage" in metrics
 
     tokenizer = load_tokenizer(run / "last.ckpt", expected=KINDS[name])
@@ -56,6 +57,7 @@ def test_fit_writes_checkpoint_grid_and_reloads(name, tmp_path, monkeypatch, cap
     main(["fit", "--config", str(RECIPES[name]), *QUICK, "--trainer.max_steps", "6",
           "--ckpt_path", str(run / "last.ckpt")])
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert (logs / "metrics.csv").read_text() == metrics  # later runs log elsewhere, nothing is deleted
 
 
 def test_wrong_tokenizer_kind_and_missing_checkpoint(tmp_path):
