@@ -30,19 +30,29 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the `arzoo` console script and of `python -m arzoo`."""
     if args is None and len(sys.argv) == 1:
         args = ["--help"]
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "sample":  # needs no trainer or data: a plain jsonargparse command
+        from arzoo.sample_command import main as sample_main
+
+        sample_main(argv[1:])
+        return
     # Recipes write interpolations from the top of the config (`${data.init_args.image_size}`);
     # under a subcommand the real path starts with `fit.`, so let jsonargparse make them relative.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     ArzooCLI(
         L.LightningModule,
-        L.LightningDataModule,
+        None,  # data is optional (`sample` needs none); subclass mode still accepts any LightningDataModule
         trainer_class=ArzooTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         # a second run in the same folder replaces config.yaml instead of failing on it
         save_config_kwargs={"overwrite": True},
         # "omegaconf+" resolves ${...} interpolations after CLI overrides, so overrides propagate
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "description": "arzoo: train and evaluate autoregressive image generators. "
+            "Also: `arzoo sample --help` (images from a generator checkpoint).",
+        },
         auto_configure_optimizers=False,
         args=args,
     )

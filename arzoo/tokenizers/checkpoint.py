@@ -1,8 +1,20 @@
-"""Load a trained tokenizer back from a `TokenizerModule` checkpoint, without unpickling code."""
+"""Tokenizer checkpoints: load a trained tokenizer back (without unpickling code), or write one.
+
+`load_tokenizer` reads what `TokenizerModule` training writes (`arzoo fit --config
+recipes/<data>/tokenizer_*.yaml`) and what `save_tokenizer_checkpoint` writes. The latter turns a
+tokenizer built in Python, e.g. from official weights, into such a checkpoint:
+
+    from arzoo.interop.llamagen import VQ_16, load_vq_tokenizer
+    save_tokenizer_checkpoint(load_vq_tokenizer("vq_ds16_c2i.pt", **VQ_16), "checkpoints/llamagen_vq16.ckpt")
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
+
+import torch
 
 from arzoo.checkpoint_io import read_checkpoint
 from arzoo.tokenizers.base import Tokenizer, resolve_tokenizer_class
@@ -33,3 +45,32 @@ def load_tokenizer(path: str | Path, expected: type[Tokenizer] | None = None) ->
     state = {k[len(prefix) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
     tokenizer.load_state_dict(state)
     return tokenizer.freeze()
+
+
+def save_tokenizer_checkpoint(tokenizer: Tokenizer, path: str | Path) -> Path:
+    """Write `tokenizer` as a checkpoint that `load_tokenizer` (and `tokenizer_path=`) reads back.
+
+    Holds only plain data: `{"hyper_parameters": {"tokenizer": tokenizer.spec()}, "state_dict":
+    {"tokenizer.<key>": tensor}}`, as a `TokenizerModule` checkpoint stores them. Parent folders are
+    created; the file is written to a temporary file in the same folder and moved into place, so an
+    interrupted or failed write never leaves a partial checkpoint (an existing one stays intact).
+    Returns the path written.
+    """
+    if not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"save_tokenizer_checkpoint needs an arzoo Tokenizer, got {type(tokenizer).__name__}")
+    path = Path(path).expanduser()
+    checkpoint = {
+        "hyper_parameters": {"tokenizer": tokenizer.spec()},
+        "state_dict": {f"tokenizer.{k}": v.detach().cpu() for k, v in tokenizer.state_dict().items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a unique name next to the target (same file system, so os.replace is atomic); created by
+    # torch.save with the usual permissions, unlike mkstemp's owner-only ones
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,22 @@
+"""Generators: `BaseGenerator` and one module per paradigm, plus the registry of named sizes."""
+
+from arzoo.generators.base import BaseGenerator
+from arzoo.generators.callbacks import SampleGrid
+from arzoo.generators.raster import RasterGenerator, RasterTransformer
+from arzoo.generators.registry import create_generator, generator_config, list_generators, register_sizes
+from arzoo.generators.sampling import SamplingConfig, filter_logits, guide, sample_tokens
+
+__all__ = [
+    "BaseGenerator",
+    "RasterGenerator",
+    "RasterTransformer",
+    "SampleGrid",
+    "SamplingConfig",
+    "create_generator",
+    "filter_logits",
+    "generator_config",
+    "guide",
+    "list_generators",
+    "register_sizes",
+    "sample_tokens",
+]

@@ -1,0 +1,437 @@
+"""`BaseGenerator`: what every autoregressive paradigm shares, and the contract a new one fills in.
+
+Every paradigm is the same machine with a different *schedule*: a generator predicts the tokens of
+a tokenizer in a fixed order of steps; each step predicts a set of token positions in parallel,
+seeing only what the paradigm allows it to see.
+
+Token positions index the tokenizer's token maps flattened scale by scale, each map row-major
+(`N = sum(h_k * w_k)` positions). The base class owns: the frozen tokenizer (and the check that it
+fits), label dropout to the null class, classifier-free guidance as one doubled batch, the
+cross-entropy over the predicted positions, temperature / top-k / top-p sampling with an explicit
+`torch.Generator`, EMA weights (used for sampling when enabled), AdamW without weight decay on
+norms / biases / embeddings, warmup + cosine LR, and the generation loop.
+
+Subclassing contract — a paradigm supplies four things:
+
+1. `build_schedule() -> list[LongTensor]`: the positions predicted at each step, in order. Every
+   position appears exactly once; `prediction_order = cat(schedule)`.
+2. `step_inputs(tokens_BN, step)`: the network input for one step's slots (sampling) or for all
+   slots (`step=None`, teacher forcing). Inputs of step k may only depend on tokens of steps < k.
+3. `visibility_mask() -> BoolTensor (N, N)` over slots in prediction order (True = may attend).
+   The default is block-causal over steps: a slot sees every slot of its own and earlier steps.
+4. `logits_to_tokens(logits_BlV, step, sampling, generator) -> LongTensor (B, l)`. The default
+   draws every position of the step independently.
+
+and the model family supplies the network calls: `forward(inputs, labels_B, mask) -> logits
+(B, N, V)` in prediction order (teacher forcing), and for sampling `start_sampling(batch)`,
+`forward_step(inputs, labels_B, step) -> logits (B, l, V)` (using its KV cache) and
+`end_sampling()`. `tokenizer_kind`, `paradigm` and `cfg_scale(step, cfg)` may be overridden.
+A new ordering of an existing family (say a column-major raster) only overrides `build_schedule`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Mapping
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from arzoo.checkpoint_io import read_checkpoint
+from arzoo.generators.sampling import SamplingConfig, guide, sample_tokens
+from arzoo.optim import warmup_cosine_scheduler
+from arzoo.tokenizers.base import Tokenizer, build_tokenizer, resolve_tokenizer_class
+from arzoo.tokenizers.checkpoint import load_tokenizer
+
+CLASS_KEY = "arzoo_generator_class"  # top-level checkpoint entry naming the concrete class
+
+
+class BaseGenerator(L.LightningModule):
+    """Base LightningModule of all generators; see the module docstring for the subclassing contract."""
+
+    paradigm: ClassVar[str] = "base"
+    tokenizer_kind: ClassVar[type[Tokenizer]] = Tokenizer
+
+    def __init__(
+        self,
+        tokenizer_path: str | None = None,
+        num_classes: int = 10,
+        class_dropout_prob: float = 0.1,
+        lr: float = 3e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.05,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        ema_decay: float = 0.0,
+        tokenizer_spec: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 <= class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay}")
+        self.save_hyperparameters()
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.tokenizer: Tokenizer | None = self._load_tokenizer(tokenizer_path, tokenizer_spec)
+        if self.tokenizer is not None:
+            # the checkpoint then rebuilds the tokenizer from this spec (weights are in the state dict)
+            self.hparams["tokenizer_spec"] = self.tokenizer.spec()
+        self.ema: AveragedModel | None = None
+        self._schedule: list[torch.Tensor] | None = None
+        self._mask: torch.Tensor | None = None
+        self.register_buffer("train_token_counts", torch.zeros(0), persistent=False)
+
+    # ---- tokenizer -------------------------------------------------------------------------------
+
+    def _load_tokenizer(self, path: str | None, spec: Mapping | None) -> Tokenizer | None:
+        if spec is not None:
+            cls = resolve_tokenizer_class(spec["class_path"])
+            if not issubclass(cls, self.tokenizer_kind):
+                raise TypeError(f"{type(self).__name__} needs a {self.tokenizer_kind.__name__}, got {cls.__name__}")
+            tokenizer = build_tokenizer(spec).freeze()
+        elif path is not None:
+            tokenizer = load_tokenizer(path, expected=self.tokenizer_kind)
+        else:
+            return None
+        return tokenizer
+
+    def resolve_sizes(self, vocab_size: int | None, scales: tuple[tuple[int, int], ...] | None) -> tuple[int, tuple]:
+        """The (vocab_size, scales) the network is built for: given values must fit the tokenizer."""
+        tok = self.tokenizer
+        if tok is None:
+            if vocab_size is None or scales is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs a tokenizer_path, or explicit vocab_size and grid sizes "
+                    f"(got vocab_size={vocab_size}, scales={scales})"
+                )
+            return vocab_size, tuple(tuple(s) for s in scales)
+        where = self.hparams.get("tokenizer_path") or "the tokenizer spec"
+        if vocab_size is not None and vocab_size != tok.vocab_size:
+            raise ValueError(
+                f"{type(self).__name__} was configured with vocab_size {vocab_size}, but the tokenizer "
+                f"({where}) has vocab_size {tok.vocab_size}"
+            )
+        if scales is not None and tuple(tuple(s) for s in scales) != tuple(tok.scales):
+            raise ValueError(
+                f"{type(self).__name__} was configured for token grid(s) {list(scales)}, but the tokenizer "
+                f"({where}) produces {list(tok.scales)}"
+            )
+        return tok.vocab_size, tuple(tok.scales)
+
+    def require_tokenizer(self) -> Tokenizer:
+        """The tokenizer, or a clear error if this generator was built without one."""
+        if self.tokenizer is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no tokenizer: build it with tokenizer_path=... to train on images "
+                f"or decode samples"
+            )
+        return self.tokenizer
+
+    def train(self, mode: bool = True) -> "BaseGenerator":
+        """Like nn.Module.train, but the frozen tokenizer always stays in eval mode."""
+        super().train(mode)
+        if self.tokenizer is not None:
+            self.tokenizer.eval()
+        return self
+
+    @torch.no_grad()
+    def tokenize(self, images_B3HW: torch.Tensor) -> torch.Tensor:
+        """Images -> flat token positions (B, N): every scale's map, row-major, coarse to fine."""
+        tok = self.require_tokenizer()
+        return torch.cat([m.flatten(1) for m in tok.encode(images_B3HW)], dim=1)
+
+    def split_scales(self, tokens_BN: torch.Tensor) -> list[torch.Tensor]:
+        """Flat tokens (B, N) -> one (B, h_k, w_k) map per scale."""
+        maps, start = [], 0
+        for h, w in self.scales:
+            maps.append(tokens_BN[:, start : start + h * w].reshape(-1, h, w))
+            start += h * w
+        return maps
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens_BN: torch.Tensor) -> torch.Tensor:
+        """Flat tokens (B, N) -> images (B, 3, H, W) in [-1, 1]."""
+        return self.require_tokenizer().decode(self.split_scales(tokens_BN.long()))
+
+    # ---- the paradigm contract -------------------------------------------------------------------
+
+    scales: tuple[tuple[int, int], ...]  # set by subclasses (from resolve_sizes)
+    vocab_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the number of token positions."""
+        return sum(h * w for h, w in self.scales)
+
+    def build_schedule(self) -> list[torch.Tensor]:
+        """Positions predicted at each step (paradigm hook 1)."""
+        raise NotImplementedError(f"{type(self).__name__} must define build_schedule()")
+
+    @property
+    def schedule(self) -> list[torch.Tensor]:
+        """The schedule, built once and checked to be a partition of all positions."""
+        if self._schedule is None:
+            with torch.device("cpu"):  # index tensors, also when the model is built under torch.device("meta")
+                steps = [torch.as_tensor(s, dtype=torch.long).flatten().cpu() for s in self.build_schedule()]
+            order = torch.cat(steps)
+            if sorted(order.tolist()) != list(range(self.num_tokens)):
+                raise ValueError(
+                    f"{type(self).__name__}.build_schedule() must cover every one of the {self.num_tokens} "
+                    f"positions exactly once; it covers {len(order)} positions ({len(set(order.tolist()))} distinct)"
+                )
+            self._schedule = steps
+        return self._schedule
+
+    @property
+    def num_steps(self) -> int:
+        """Forward passes of the network per generated batch."""
+        return len(self.schedule)
+
+    @property
+    def prediction_order(self) -> torch.Tensor:
+        """All positions in the order they are predicted: `cat(schedule)`."""
+        return torch.cat(self.schedule)
+
+    def step_of_slot(self) -> torch.Tensor:
+        """(N,) step index of every slot in prediction order."""
+        return torch.cat([torch.full((len(s),), k) for k, s in enumerate(self.schedule)])
+
+    def step_inputs(self, tokens_BN: torch.Tensor, step: int | None) -> Any:
+        """Network inputs for one step, or for every slot when `step` is None (paradigm hook 2)."""
+        raise NotImplementedError(f"{type(self).__name__} must define step_inputs()")
+
+    def visibility_mask(self) -> torch.Tensor:
+        """(N, N) bool over slots in prediction order; default block-causal over steps (paradigm hook 3)."""
+        with torch.device("cpu"):
+            steps = self.step_of_slot()
+            return steps[:, None] >= steps[None, :]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """`visibility_mask()` built once, on the module's device."""
+        if self._mask is None or self._mask.device != self.device:
+            self._mask = self.visibility_mask().to(self.device)
+        return self._mask
+
+    def logits_to_tokens(
+        self, logits_BlV: torch.Tensor, step: int, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """One token per slot of the step (paradigm hook 4); default: independent draws, row-major."""
+        B, l, V = logits_BlV.shape
+        return sample_tokens(logits_BlV.reshape(B * l, V), sampling, generator).reshape(B, l)
+
+    def cfg_scale(self, step: int, cfg: float) -> float:
+        """Guidance scale at `step` (constant by default)."""
+        return cfg
+
+    def start_sampling(self, batch_size: int) -> None:
+        """Prepare caches for a generation of `batch_size` rows (CFG-doubled)."""
+
+    def forward_step(self, inputs: Any, labels_B: torch.Tensor, step: int) -> torch.Tensor:
+        """Logits (B, l, V) of one step's slots, using the cache."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward_step()")
+
+    def end_sampling(self) -> None:
+        """Free the caches."""
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def drop_labels(self, labels_B: torch.Tensor) -> torch.Tensor:
+        """Replace labels by the null class `num_classes` with probability `class_dropout_prob` (training only)."""
+        if not self.training or self.class_dropout_prob <= 0:
+            return labels_B
+        drop = torch.rand(labels_B.shape[0], device=labels_B.device) < self.class_dropout_prob
+        return torch.where(drop, torch.full_like(labels_B, self.num_classes), labels_B)
+
+    def check_labels(self, labels_B: torch.Tensor) -> torch.Tensor:
+        """Labels as int64, with a clear error for ids outside [0, num_classes)."""
+        labels_B = torch.as_tensor(labels_B, dtype=torch.long, device=self.device).reshape(-1)
+        bad = labels_B[(labels_B < 0) | (labels_B >= self.num_classes)]
+        if len(bad):
+            raise ValueError(
+                f"class id {bad[0].item()} is out of range: this generator has num_classes={self.num_classes} "
+                f"(valid ids 0..{self.num_classes - 1})"
+            )
+        return labels_B
+
+    def teacher_forcing(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N, V) for every position, in prediction order."""
+        return self(self.step_inputs(tokens_BN, None), labels_B, self.mask)
+
+    def token_loss(self, logits_BNV: torch.Tensor, targets_BN: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over all predicted positions."""
+        return F.cross_entropy(logits_BNV.reshape(-1, logits_BNV.shape[-1]).float(), targets_BN.reshape(-1))
+
+    def _shared_step(self, batch: dict[str, Any], split: str) -> torch.Tensor | None:
+        images, labels = batch["image"], batch["label"]
+        if len(images) == 0:
+            return None
+        if (labels < 0).any():
+            raise ValueError(
+                "the data has no class labels (label -1) but this generator is class-conditional; "
+                "use a labelled source (digits, or a folder with one sub-folder per class)"
+            )
+        tokens = self.tokenize(images)
+        logits = self.teacher_forcing(tokens, self.drop_labels(self.check_labels(labels)))
+        targets = tokens[:, self.prediction_order.to(tokens.device)]
+        loss = self.token_loss(logits, targets)
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(images))
+        if split == "train":
+            self._count_tokens(tokens)
+        elif self.train_token_counts.numel():
+            self.log(f"{split}/unigram_loss", self._unigram_loss(tokens), batch_size=len(images))
+        return loss
+
+    def _count_tokens(self, tokens_BN: torch.Tensor) -> None:
+        counts = torch.bincount(tokens_BN.reshape(-1), minlength=self.vocab_size).float()
+        if self.train_token_counts.numel() != counts.numel():
+            self.train_token_counts = torch.zeros_like(counts)
+        self.train_token_counts += counts
+
+    def _unigram_loss(self, tokens_BN: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of a model that predicts the (add-one smoothed) training-token frequencies."""
+        probs = (self.train_token_counts + 1) / (self.train_token_counts.sum() + self.vocab_size)
+        return -probs.log()[tokens_BN.reshape(-1)].mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    # ---- EMA -------------------------------------------------------------------------------------
+
+    def configure_ema(self) -> None:
+        """Create the EMA copy of `self.net` (call at the end of a subclass __init__)."""
+        if self.hparams.ema_decay > 0:
+            self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(self.hparams.ema_decay))
+            self.ema.requires_grad_(False)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+
+    @contextmanager
+    def sampling_weights(self, use_ema: bool = True) -> Iterator[nn.Module]:
+        """Within the block `self.net` is the EMA network (when enabled and `use_ema`)."""
+        live = self._modules["net"]
+        if use_ema and self.ema is not None:
+            self._modules["net"] = self.ema.module
+        try:
+            yield self._modules["net"]
+        finally:
+            self._modules["net"] = live
+
+    # ---- generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels_B: torch.Tensor | list[int],
+        cfg: float = 1.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """Flat tokens (B, N) for the given class labels; `cfg != 1` runs one doubled batch with the null class."""
+        labels_B = self.check_labels(labels_B)
+        if len(labels_B) == 0:
+            raise ValueError("generate() needs at least one label")
+        if cfg < 0:
+            raise ValueError(f"cfg must be >= 0 (1 = no guidance), got {cfg}")
+        sampling = SamplingConfig(temperature, top_k, top_p, greedy).check(self.vocab_size)
+        B, guided = len(labels_B), cfg != 1.0
+        labels_in = torch.cat([labels_B, torch.full_like(labels_B, self.num_classes)]) if guided else labels_B
+        tokens = torch.zeros(len(labels_in), self.num_tokens, dtype=torch.long, device=self.device)
+        was_training = self.training
+        self.eval()
+        with self.sampling_weights(use_ema):
+            self.start_sampling(len(labels_in))
+            try:
+                for step, positions in enumerate(self.schedule):
+                    logits = self.forward_step(self.step_inputs(tokens, step), labels_in, step).float()
+                    if guided:
+                        scale = self.cfg_scale(step, cfg)
+                        logits = guide(logits[:B], logits[B:], scale) if scale != 1.0 else logits[:B]
+                    new = self.logits_to_tokens(logits, step, sampling, generator)
+                    tokens[:, positions.to(self.device)] = new.repeat(2, 1) if guided else new
+            finally:
+                self.end_sampling()
+        self.train(was_training)
+        return tokens[:B]
+
+    @torch.no_grad()
+    def sample_images(self, labels_B: torch.Tensor | list[int], **kwargs: Any) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1]: `generate(...)` then the tokenizer's decoder."""
+        return self.decode_tokens(self.generate(labels_B, **kwargs))
+
+    # ---- optimisation ----------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for name, param in self.net.named_parameters():
+            if not param.requires_grad:
+                continue
+            lowered = name.lower()
+            if param.ndim < 2 or "norm" in lowered or "embed" in lowered or "pos_" in lowered:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+        )
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        total = int(total) if total != float("inf") else 0
+        scheduler = warmup_cosine_scheduler(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def num_params(self) -> int:
+        """Parameters of the network (tokenizer and EMA copy excluded), as papers count them."""
+        return sum(p.numel() for p in self.net.parameters())
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint[CLASS_KEY] = f"{cls.__module__}.{cls.__qualname__}"
+
+    def run_dir(self) -> Path:
+        """The folder this run writes into (the logger's version folder, else the trainer's root)."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any) -> "BaseGenerator":
+        """Load any generator checkpoint; on the base class this returns the concrete subclass."""
+        ckpt = read_checkpoint(checkpoint_path, "generator checkpoint")
+        target = cls
+        class_path = ckpt.get(CLASS_KEY) or (ckpt.get("hyper_parameters") or {}).get("_class_path")
+        if class_path is None:
+            raise ValueError(f"{str(checkpoint_path)!r} is not an arzoo generator checkpoint (no {CLASS_KEY!r} entry)")
+        module_name, _, name = str(class_path).rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"generator class {class_path!r} of {str(checkpoint_path)!r} cannot be imported") from err
+        if not (isinstance(found, type) and issubclass(found, BaseGenerator)):
+            raise ValueError(f"{class_path!r} in {str(checkpoint_path)!r} is not an arzoo generator class")
+        if not issubclass(found, cls):
+            raise TypeError(f"{str(checkpoint_path)!r} holds a {found.__name__}, not a {cls.__name__}")
+        target = found
+        loader = super(BaseGenerator, target).load_from_checkpoint.__func__  # LightningModule's
+        return loader(target, checkpoint_path, map_location=map_location or "cpu", weights_only=True, **kwargs)

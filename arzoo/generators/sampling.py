@@ -1,0 +1,68 @@
+"""Turning logits into tokens: temperature, top-k, top-p and seeded multinomial draws.
+
+Kept apart from the networks, as diffusers keeps schedulers apart from models. The filtering
+follows LlamaGen's `sample` exactly (ties at the top-k threshold survive; top-p keeps the first
+token that crosses `top_p`), and a draw is one `torch.multinomial(probs, 1, generator=...)` per
+row, so a seeded `torch.Generator` reproduces the official token streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How one generation turns logits into tokens; `check()` validates it against a vocabulary."""
+
+    temperature: float = 1.0
+    top_k: int | None = None  # None: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    greedy: bool = False  # argmax instead of a draw (consumes no randomness)
+
+    def check(self, vocab_size: int) -> "SamplingConfig":
+        """Raise a clear error for arguments a user can get wrong."""
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and not 1 <= self.top_k <= vocab_size:
+            raise ValueError(f"top_k must be between 1 and the vocabulary size {vocab_size}, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        return self
+
+
+def filter_logits(logits_NV: torch.Tensor, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p filtering with -inf, as LlamaGen's `top_k_top_p_filtering` (returns a new tensor)."""
+    logits_NV = logits_NV.clone()
+    if top_k is not None:
+        k = min(max(top_k, 1), logits_NV.shape[-1])
+        threshold = torch.topk(logits_NV, k, dim=-1).values[..., -1:]
+        logits_NV[logits_NV < threshold] = float("-inf")
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits_NV, descending=True, dim=-1)
+        cum_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cum_probs > top_p
+        # shift right so the first token that crosses top_p is kept, and always keep the best one
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits_NV[remove.scatter(-1, sorted_idx, remove)] = float("-inf")
+    return logits_NV
+
+
+def sample_tokens(
+    logits_NV: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One token per row (N,) from float logits (N, V): temperature, filters, then one multinomial draw."""
+    logits_NV = logits_NV.float() / max(config.temperature, 1e-5)
+    if config.greedy:
+        return logits_NV.argmax(dim=-1)
+    probs_NV = F.softmax(filter_logits(logits_NV, config.top_k, config.top_p), dim=-1)
+    return torch.multinomial(probs_NV, num_samples=1, generator=generator).squeeze(-1)
+
+
+def guide(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance `uncond + (cond - uncond) * scale` (LlamaGen's operation order)."""
+    return uncond_logits + (cond_logits - uncond_logits) * scale
