@@ -25,7 +25,8 @@ Subclassing contract — a paradigm supplies four things:
 and the model family supplies the network calls: `forward(inputs, labels_B, mask) -> logits
 (B, N, V)` in prediction order (teacher forcing), and for sampling `start_sampling(batch)`,
 `forward_step(inputs, labels_B, step) -> logits (B, l, V)` (using its KV cache) and
-`end_sampling()`. `tokenizer_kind`, `paradigm` and `cfg_scale(step, cfg)` may be overridden.
+`end_sampling()`. `tokenizer_kind`, `paradigm`, `cfg_scale(step, cfg)` and `guide_logits` (how the
+conditional and null-class logits combine) may be overridden.
 A new ordering of an existing family (say a column-major raster) only overrides `build_schedule`.
 """
 
@@ -146,7 +147,9 @@ class BaseGenerator(L.LightningModule):
     def tokenize(self, images_B3HW: torch.Tensor) -> torch.Tensor:
         """Images -> flat token positions (B, N): every scale's map, row-major, coarse to fine."""
         tok = self.require_tokenizer()
-        return torch.cat([m.flatten(1) for m in tok.encode(images_B3HW)], dim=1)
+        # nearest-code search in float32 also under bf16/fp16 autocast, as the official tokenizers run
+        with torch.autocast(device_type=images_B3HW.device.type, enabled=False):
+            return torch.cat([m.flatten(1) for m in tok.encode(images_B3HW.float())], dim=1)
 
     def split_scales(self, tokens_BN: torch.Tensor) -> list[torch.Tensor]:
         """Flat tokens (B, N) -> one (B, h_k, w_k) map per scale."""
@@ -231,6 +234,13 @@ class BaseGenerator(L.LightningModule):
     def cfg_scale(self, step: int, cfg: float) -> float:
         """Guidance scale at `step` (constant by default)."""
         return cfg
+
+    def guide_logits(self, cond_BlV: torch.Tensor, uncond_BlV: torch.Tensor, step: int, cfg: float) -> torch.Tensor:
+        """Guided logits of one step from its conditional and null-class rows; default
+        `guide(cond, uncond, cfg_scale(step, cfg))`, the conditional rows alone where that scale is 1.
+        Override to combine them another way (e.g. VAR's `(1 + t) * cond - t * uncond`)."""
+        scale = self.cfg_scale(step, cfg)
+        return guide(cond_BlV, uncond_BlV, scale) if scale != 1.0 else cond_BlV
 
     def start_sampling(self, batch_size: int) -> None:
         """Prepare caches for a generation of `batch_size` rows (CFG-doubled)."""
@@ -365,8 +375,7 @@ class BaseGenerator(L.LightningModule):
                 for step, positions in enumerate(self.schedule):
                     logits = self.forward_step(self.step_inputs(tokens, step), labels_in, step).float()
                     if guided:
-                        scale = self.cfg_scale(step, cfg)
-                        logits = guide(logits[:B], logits[B:], scale) if scale != 1.0 else logits[:B]
+                        logits = self.guide_logits(logits[:B], logits[B:], step, cfg)
                     new = self.logits_to_tokens(logits, step, sampling, generator)
                     tokens[:, positions.to(self.device)] = new.repeat(2, 1) if guided else new
             finally:

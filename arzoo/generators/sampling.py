@@ -66,3 +66,27 @@ def sample_tokens(
 def guide(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance `uncond + (cond - uncond) * scale` (LlamaGen's operation order)."""
     return uncond_logits + (cond_logits - uncond_logits) * scale
+
+
+def filter_logits_var(logits: torch.Tensor, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p filtering with -inf, as VAR's `sample_with_top_k_top_p_` (returns a new tensor).
+
+    Works on any (..., V) shape, row by row over the last axis, with VAR's op order (so that a
+    seeded draw from the result reproduces the official ids; tests/fixtures/parity/var/SPEC.md 5):
+
+    * top-k (`top_k` not None; VAR's `top_k > 0`): logits strictly below the k-th largest of their
+      row become -inf (ties with the threshold survive).
+    * top-p (`top_p < 1`; VAR's `top_p > 0`): the row is sorted ascending and softmaxed (after top-k);
+      entries whose cumulative probability is `<= 1 - top_p` are removed, the largest always kept.
+      `top_p = 1.0` is off (VAR's 0.0 also means off; arzoo's API uses 1.0 for that).
+    """
+    logits = logits.clone()
+    if top_k is not None:
+        kth_largest = logits.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False  # always keep the most likely token
+        logits.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), float("-inf"))
+    return logits

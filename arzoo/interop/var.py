@@ -5,26 +5,38 @@ Sections:
   are re-exported from there).
 * VQVAE tokenizer: `models/vqvae.py` constructor kwargs -> `MultiScaleVQTokenizer` kwargs, the
   released 256px preset `VAR_VQVAE_256` and `load_vqvae`.
-* (VAR transformer: added in its own section below.)
+* VAR transformer: `models/var.py` constructor kwargs -> `NextScaleGenerator` kwargs
+  (`var_kwargs_from_official`), the architecture of an official state dict
+  (`var_config_from_state_dict`) and `load_var_generator` (the network inside a `NextScaleGenerator`,
+  to sample as upstream's `autoregressive_infer_cfg`).
 
-Facts used here are in tests/fixtures/parity/var/SPEC.md (sections 1 and 7) and README.md.
+Facts used here are in tests/fixtures/parity/var/SPEC.md (sections 1, 3, 5 and 7) and README.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import re
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+import torch
+
 from arzoo.checkpoint_io import describe_state_dict_mismatch, extract_state_dict
 from arzoo.checkpoint_io import read_checkpoint as load_checkpoint_file
+from arzoo.generators.next_scale import NextScaleGenerator
 from arzoo.tokenizers.multiscale_vq import MultiScaleVQTokenizer
 
 __all__ = [
     "VAR_VQVAE_256",
     "extract_state_dict",
     "load_checkpoint_file",
+    "load_var_generator",
     "load_vqvae",
+    "var_config_from_state_dict",
+    "var_kwargs_from_official",
     "vqvae_kwargs_from_official",
 ]
 
@@ -180,3 +192,180 @@ def load_vqvae(source: str | Path | Mapping[str, Any], **kwargs: Any) -> MultiSc
 # ================================================================================================
 # VAR transformer (models/var.py)
 # ================================================================================================
+
+# Official `VAR.__init__` defaults (SPEC 3.1; used for keys a config leaves out). Note that the
+# constructor's `attn_l2_norm=False` differs from the training script / released models (True).
+_OFFICIAL_VAR_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    dict(
+        num_classes=1000,
+        depth=16,
+        embed_dim=1024,
+        num_heads=16,
+        mlp_ratio=4.0,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.0,
+        norm_eps=1e-6,
+        shared_aln=False,
+        cond_drop_rate=0.1,
+        attn_l2_norm=False,
+        patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        flash_if_available=True,
+        fused_if_available=True,
+    )
+)
+# Same meaning, same name in NextScaleGenerator.
+_VAR_SAME_NAME = (
+    "num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate", "drop_path_rate",
+    "norm_eps", "shared_aln", "attn_l2_norm",
+)  # fmt: skip
+
+
+def var_kwargs_from_official(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Official `VAR(**config)` kwargs (without `vae_local`) -> `NextScaleGenerator` kwargs.
+
+    Keys left out take the official constructor defaults (SPEC 3.1; e.g. `attn_l2_norm=False`, while
+    the released models use True: see `var_config_from_state_dict`). `cond_drop_rate` becomes
+    `class_dropout_prob`, `patch_nums` a list; `flash_if_available` / `fused_if_available` only pick
+    kernels and are dropped. The codebook sizes (`vocab_size`, `codebook_dim`) are the VQVAE's, not
+    part of this config. Unknown keys raise ValueError.
+    """
+    if "vae_local" in config:
+        raise ValueError("pass the VAR constructor arguments without vae_local (the tokenizer is loaded separately)")
+    unknown = sorted(str(k) for k in config if k not in _OFFICIAL_VAR_DEFAULTS)
+    if unknown:
+        raise ValueError(
+            f"unknown official VAR constructor argument(s) {unknown}; known: {sorted(_OFFICIAL_VAR_DEFAULTS)}"
+        )
+    full = {**_OFFICIAL_VAR_DEFAULTS, **config}
+    kwargs = {name: full[name] for name in _VAR_SAME_NAME}
+    kwargs["class_dropout_prob"] = float(full["cond_drop_rate"])
+    kwargs["patch_nums"] = [int(pn) for pn in full["patch_nums"]]
+    return kwargs
+
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+def var_config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The official VAR constructor kwargs of an official state dict, as `build_vae_var` made them.
+
+    Read from the shapes: depth, width, classes, `mlp_ratio`, `shared_aln`, `attn_l2_norm` (the
+    `scale_mul_1H11` keys, whose shape also gives the heads) and `patch_nums` (from the `lvl_1L`
+    buffer, else from the position-table sizes when they are VAR's 256 or 512 px schedules). Not in a
+    state dict, hence the official builder's values: `num_heads = depth` without L2-normalised
+    attention, `drop_path_rate = 0.1 * depth / 24`, `norm_eps = 1e-6`, `cond_drop_rate = 0.1`.
+    """
+    def need(key: str) -> torch.Tensor:
+        if key not in state_dict:
+            raise ValueError(f"not an official VAR state dict: no {key!r} entry (keys: {sorted(state_dict)[:8]} ...)")
+        return state_dict[key]
+
+    C = need("pos_start").shape[-1]
+    blocks = {int(m.group(1)) for k in state_dict if (m := _BLOCK_KEY.match(k))}
+    if not blocks:
+        raise ValueError("not an official VAR state dict: no blocks.{i}.* entries")
+    depth = max(blocks) + 1
+    attn_l2_norm = "blocks.0.attn.scale_mul_1H11" in state_dict
+    num_heads = state_dict["blocks.0.attn.scale_mul_1H11"].shape[1] if attn_l2_norm else depth
+    if "lvl_1L" in state_dict:
+        counts = torch.bincount(state_dict["lvl_1L"].reshape(-1).long()).tolist()
+        patch_nums = tuple(math.isqrt(c) for c in counts)
+        if any(pn * pn != c for pn, c in zip(patch_nums, counts)):
+            raise ValueError(f"lvl_1L does not describe square token maps (tokens per scale: {counts})")
+    else:
+        L, SN = need("pos_1LC").shape[1], need("lvl_embed.weight").shape[0]
+        known = {(680, 10): (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), (2240, 10): (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
+        if (L, SN) not in known:
+            raise ValueError(f"cannot tell the patch_nums of {SN} scales with {L} tokens: pass config= with patch_nums")
+        patch_nums = known[(L, SN)]
+    return dict(
+        num_classes=need("class_emb.weight").shape[0] - 1,
+        depth=depth,
+        embed_dim=C,
+        num_heads=num_heads,
+        mlp_ratio=need("blocks.0.ffn.fc1.weight").shape[0] / C,
+        drop_path_rate=0.1 * depth / 24,
+        norm_eps=1e-6,
+        shared_aln="shared_ada_lin.1.weight" in state_dict,
+        cond_drop_rate=0.1,
+        attn_l2_norm=attn_l2_norm,
+        patch_nums=patch_nums,
+    )
+
+
+def load_var_generator(
+    source: str | Path | Mapping[str, Any],
+    *,
+    config: Mapping[str, Any] | None = None,
+    tokenizer_path: str | None = None,
+    tokenizer: MultiScaleVQTokenizer | None = None,
+    **overrides: Any,
+) -> NextScaleGenerator:
+    """An official VAR checkpoint (path, checkpoint dict or state dict, e.g. `var_d16.pth`) ->
+    `NextScaleGenerator` (eval mode) that samples as upstream's `autoregressive_infer_cfg`.
+
+    The architecture comes from the official constructor kwargs in `config` (see
+    `var_kwargs_from_official`), else from the state dict itself (`var_config_from_state_dict`);
+    `overrides` (NextScaleGenerator / BaseGenerator keyword arguments, e.g. `more_smooth=True`,
+    `lr=...`) win. The tokenizer: `tokenizer_path` (an arzoo tokenizer checkpoint, e.g. the released
+    VQVAE converted with `load_vqvae` + `save_tokenizer_checkpoint`), or a `tokenizer` object (copied
+    into the generator), or none (then `vocab_size` / `codebook_dim` are read from the state dict and
+    the generator can compute logits but not sample). The state dict is loaded strictly into
+    `generator.net` (buffers `lvl_1L`, `attn_bias_for_masking`, `zero_k_bias` included).
+
+    Map upstream's `autoregressive_infer_cfg(B, label_B, g_seed, cfg, top_k, top_p, more_smooth)` to
+
+        g = torch.Generator().manual_seed(g_seed)
+        labels = label_B if label_B is not None else generator.sample_random_labels(B, g)
+        generator.more_smooth = more_smooth
+        images = generator.sample_images(labels, cfg=1 + cfg, top_k=top_k or None, top_p=top_p or 1.0,
+                                         generator=g)  # in [-1, 1]; upstream returns (images + 1) / 2
+
+    (arzoo's `cfg = 1` means no guidance; upstream's top_k=0 / top_p=0 mean off). A draw happens at
+    every scale either way, so top_k=1 is not `greedy=True` (which consumes no randomness).
+    """
+    if tokenizer_path is not None and tokenizer is not None:
+        raise ValueError("pass either tokenizer_path= or tokenizer=, not both")
+    if tokenizer is not None and not isinstance(tokenizer, MultiScaleVQTokenizer):
+        raise TypeError(f"tokenizer must be a MultiScaleVQTokenizer, got {type(tokenizer).__name__}")
+    is_path = isinstance(source, (str, Path))
+    raw = load_checkpoint_file(source, "VAR checkpoint") if is_path else source
+    where = str(source) if is_path else "the given mapping"
+    state_dict = extract_state_dict(raw)
+    official = dict(config) if config is not None else var_config_from_state_dict(state_dict)
+    kwargs = var_kwargs_from_official(official)
+    if tokenizer_path is None and tokenizer is None:
+        # Without a tokenizer the codebook sizes come from the checkpoint (head rows, word_embed columns).
+        if "head.weight" in state_dict and "word_embed.weight" in state_dict:
+            kwargs["vocab_size"] = state_dict["head.weight"].shape[0]
+            kwargs["codebook_dim"] = state_dict["word_embed.weight"].shape[1]
+    kwargs.update(overrides)
+    if tokenizer_path is not None:
+        kwargs["tokenizer_path"] = tokenizer_path
+    if tokenizer is not None:
+        kwargs["tokenizer_spec"] = tokenizer.spec()
+    # On the meta device (no init cost) unless a tokenizer must really be built.
+    on_meta = tokenizer_path is None and tokenizer is None
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        generator = NextScaleGenerator(**kwargs)
+    if tokenizer is not None:
+        assert generator.tokenizer is not None
+        generator.tokenizer.load_state_dict(tokenizer.state_dict())
+    if on_meta:  # `.to` too: Lightning's `device` attribute does not follow `to_empty`
+        generator.to_empty(device="cpu").to("cpu")
+    expected = {k: v.shape for k, v in generator.net.state_dict().items()}
+    described = f"config {official}" + (f" with overrides {overrides}" if overrides else "")
+    problem = describe_state_dict_mismatch(
+        expected,
+        state_dict,
+        context=f"checkpoint {where} does not fit NextScaleTransformer built from {described}",
+        hint="Pass the checkpoint's constructor arguments as config= (depth, embed_dim, num_heads, patch_nums, "
+        "attn_l2_norm, shared_aln), and a tokenizer with its vocabulary and codebook width.",
+    )
+    if problem:
+        raise ValueError(problem)
+    generator.net.load_state_dict(state_dict, strict=True, assign=is_path and on_meta)
+    generator.net.float()
+    generator.configure_ema()  # an EMA copy (ema_decay > 0) starts from the loaded weights
+    return generator.eval()
