@@ -2,13 +2,14 @@
 
 from arzoo.generators.base import BaseGenerator
 from arzoo.generators.callbacks import SampleGrid
-from arzoo.generators.next_scale import NextScaleGenerator, NextScaleTransformer
+from arzoo.generators.next_scale import MVARTransformer, NextScaleGenerator, NextScaleTransformer
 from arzoo.generators.raster import RasterGenerator, RasterTransformer
 from arzoo.generators.registry import create_generator, generator_config, list_generators, register_sizes
 from arzoo.generators.sampling import SamplingConfig, filter_logits, filter_logits_var, guide, sample_tokens
 
 __all__ = [
     "BaseGenerator",
+    "MVARTransformer",
     "NextScaleGenerator",
     "NextScaleTransformer",
     "RasterGenerator",

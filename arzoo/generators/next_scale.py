@@ -8,6 +8,12 @@ parallel, each position seeing the positions of its own and all coarser scales (
 input of scale k is the tokenizer's running reconstruction f_hat after scales < k, area-resized to
 scale k's grid. Facts: tests/fixtures/parity/var/SPEC.md sections 3-8.
 
+`inter_scale="mamba"` swaps the blocks for M-VAR's (OliverRensu/MVAR; `MVARTransformer`, official
+M-VAR keys, `arzoo.interop.mvar.load_mvar_generator`): attention only within each scale, a causal
+Mamba2 scan over the whole sequence carrying the coarser scales. Sampling then carries each block's
+Mamba2 state from scale to scale (no KV cache, no re-run over the prefix). Facts:
+tests/fixtures/parity/mvar/SPEC.md.
+
 Shape letters: B batch, L = sum of pn_k^2 token positions, l one scale's positions, C width,
 Cv codebook width (`codebook_dim`), V vocabulary, H heads, hd head width.
 """
@@ -26,6 +32,8 @@ from arzoo.generators.base import BaseGenerator
 from arzoo.generators.registry import register_sizes
 from arzoo.generators.sampling import SamplingConfig, filter_logits_var
 from arzoo.nn.llama import DropPath
+from arzoo.nn.mamba import Mamba2State
+from arzoo.nn.mvar import MVARBlock
 from arzoo.optim import warmup_cosine_scheduler
 from arzoo.tokenizers.base import Tokenizer
 from arzoo.tokenizers.multiscale_vq import MultiScaleVQTokenizer
@@ -197,7 +205,10 @@ class NextScaleTransformer(nn.Module):
 
     A subclass may change how tokens mix by overriding `build_mixer(block_idx)` (the `attn` of each
     block) or `build_block(block_idx, drop_path)` (whole blocks); both run while the blocks are built,
-    after the sizes (`C`, `num_heads`, `patch_nums`, ...) are set.
+    after the sizes (`C`, `num_heads`, `patch_nums`, ...) are set. `build_attn_bias` gives the
+    `attn_bias_for_masking` buffer, `sampling_cache(enable)` starts / frees what sampling carries
+    across scales, and `teacher_forcing_input` / `scale_input` are the embeddings a new `forward` /
+    `forward_scale` can reuse (`MVARTransformer` overrides all of these).
     """
 
     def __init__(
@@ -291,13 +302,11 @@ class NextScaleTransformer(nn.Module):
         rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList(self.build_block(block_idx, rates[block_idx]) for block_idx in range(depth))
 
-        # Scale index of every position, and the block-causal additive mask (0 where the key's scale
-        # is not finer than the query's, -inf elsewhere); official buffers, in official checkpoints.
+        # Scale index of every position, and the additive attention mask of teacher forcing
+        # (`build_attn_bias`); official buffers, in official checkpoints.
         d = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(patch_nums)]).view(1, self.L, 1)
-        dT = d.transpose(1, 2)
-        self.register_buffer("lvl_1L", dT[:, 0].contiguous())
-        mask = torch.where(d >= dT, 0.0, -torch.inf).reshape(1, 1, self.L, self.L)
-        self.register_buffer("attn_bias_for_masking", mask.contiguous())
+        self.register_buffer("lvl_1L", d.transpose(1, 2)[:, 0].contiguous())
+        self.register_buffer("attn_bias_for_masking", self.build_attn_bias(d[0, :, 0]).contiguous())
 
         self.head_nm = AdaLNBeforeHead(embed_dim, self.D, norm_eps=norm_eps)
         self.head = nn.Linear(embed_dim, vocab_size)
@@ -320,6 +329,12 @@ class NextScaleTransformer(nn.Module):
             norm_eps=self.norm_eps,
             shared_aln=self.shared_aln,
         )
+
+    def build_attn_bias(self, scale_of_position: torch.Tensor) -> torch.Tensor:
+        """The `attn_bias_for_masking` buffer (1, 1, L, L) from the scale index (L,) of every position:
+        VAR's block-causal mask, 0 where the key's scale is not finer than the query's, -inf elsewhere."""
+        d = scale_of_position
+        return torch.where(d[:, None] >= d[None, :], 0.0, -torch.inf).reshape(1, 1, self.L, self.L)
 
     def build_mixer(self, block_idx: int) -> nn.Module:
         """The inter-token mixer of block `block_idx` (`blocks.{b}.attn`): VAR's self-attention."""
@@ -384,6 +399,21 @@ class NextScaleTransformer(nn.Module):
         next-scale inputs (B, L' - first_l, Cv) of the first scales (L' <= L; L' = L in training) ->
         logits (B, L', V) float32. `attn_bias` (additive, broadcastable to (B, H, L', L')) defaults to
         the block-causal `attn_bias_for_masking`."""
+        x_BLC, cond_BD = self.teacher_forcing_input(label_B, x_BLCv_wo_first_l)
+        ed = x_BLC.shape[1]
+        attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed] if attn_bias is None else attn_bias
+        cond_or_gss = self.shared_ada_lin(cond_BD)
+        main_type = _main_type(x_BLC)
+        x_BLC, cond_or_gss, attn_bias = x_BLC.to(main_type), cond_or_gss.to(main_type), attn_bias.to(main_type)
+        for block in self.blocks:
+            x_BLC = block(x_BLC, cond_or_gss, attn_bias)
+        return self.get_logits(x_BLC, cond_BD)
+
+    def teacher_forcing_input(
+        self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' input (B, L', C) float32 ([class token + pos_start ; word_embed(x)] + level and
+        position embeddings, computed outside autocast as upstream) and the class embedding (B, C)."""
         B = x_BLCv_wo_first_l.shape[0]
         ed = self.first_l + x_BLCv_wo_first_l.shape[1]
         if label_B.shape != (B,) or x_BLCv_wo_first_l.ndim != 3 or x_BLCv_wo_first_l.shape[2] != self.Cvae:
@@ -398,15 +428,7 @@ class NextScaleTransformer(nn.Module):
             sos = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
             x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
             x_BLC = x_BLC + (self.lvl_embed(self.lvl_1L[:, :ed].expand(B, -1)) + self.pos_1LC[:, :ed])
-        attn_bias = self.attn_bias_for_masking[:, :, :ed, :ed] if attn_bias is None else attn_bias
-        cond_or_gss = self.shared_ada_lin(cond_BD)
-        # the dtype a matmul gets under autocast (float32 without), as upstream
-        probe = x_BLC.new_ones(8, 8)
-        main_type = torch.matmul(probe, probe).dtype
-        x_BLC, cond_or_gss, attn_bias = x_BLC.to(main_type), cond_or_gss.to(main_type), attn_bias.to(main_type)
-        for block in self.blocks:
-            x_BLC = block(x_BLC, cond_or_gss, attn_bias)
-        return self.get_logits(x_BLC, cond_BD)
+        return x_BLC, cond_BD
 
     # -- sampling: one scale at a time, with the KV caches -------------------------------------
 
@@ -414,6 +436,11 @@ class NextScaleTransformer(nn.Module):
         """Switch every block's KV cache on (empty) or off (freed)."""
         for block in self.blocks:
             block.attn.kv_caching(enable)
+
+    def sampling_cache(self, enable: bool) -> None:
+        """Start (empty) or free what scale-by-scale sampling carries from one scale to the next:
+        here every block's attention KV cache (`kv_caching`)."""
+        self.kv_caching(enable)
 
     def forward_scale(self, label_B: torch.Tensor, si: int, next_input: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (R, pn_si^2, V) of scale `si` for R = len(label_B) rows, appending to the KV caches.
@@ -429,6 +456,17 @@ class NextScaleTransformer(nn.Module):
             raise RuntimeError(
                 "scale si > 0 needs its next_input and the KV caches (kv_caching(True), then the scales in order)"
             )
+        x_BlC, cond_BD = self.scale_input(label_B, si, next_input)
+        cond_or_gss = self.shared_ada_lin(cond_BD)
+        for block in self.blocks:
+            x_BlC = block(x_BlC, cond_or_gss, None)
+        return self.get_logits(x_BlC, cond_BD)
+
+    def scale_input(
+        self, label_B: torch.Tensor, si: int, next_input: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' input (R, pn_si^2, C) of scale `si` while sampling (see `forward_scale`) and
+        the class embedding (R, C) of the R = len(label_B) rows."""
         rows = label_B.shape[0]
         cond_BD = self.class_emb(label_B)
         lvl_pos = self.lvl_pos()
@@ -452,10 +490,176 @@ class NextScaleTransformer(nn.Module):
             x_BlC = self.word_embed(next_input) + lvl_pos[:, begin:end]
             if rows != B:
                 x_BlC = x_BlC.repeat(rows // B, 1, 1)
-        cond_or_gss = self.shared_ada_lin(cond_BD)
+        return x_BlC, cond_BD
+
+
+# ---- network: M-VAR's transformer (Mamba across scales) ----
+
+
+class MVARTransformer(NextScaleTransformer):
+    """M-VAR's class-conditional transformer (OliverRensu/MVAR `models/mvar.py`): VAR's network with
+    `MVARBlock`s, i.e. bidirectional attention inside each scale, then a Mamba2 mixer over the whole
+    flattened sequence (coarse to fine, causal), then the FFN, with 9 AdaLN vectors per block
+    (`arzoo.nn.mvar`; facts: tests/fixtures/parity/mvar/SPEC.md).
+
+    State-dict keys are the official M-VAR ones (SPEC 6): VAR's outside the blocks (`class_emb`,
+    `pos_start`, `pos_1LC`, `lvl_embed`, the buffers `lvl_1L` and `attn_bias_for_masking`, here
+    block-diagonal, `word_embed`, `head_nm`, `head`) and `blocks.{b}.{attn,mamba,ffn,ada_lin}.*` with
+    the `attn.patch_nums` buffer. Official checkpoints load strictly
+    (`arzoo.interop.mvar.load_mvar_generator`).
+
+    Teacher forcing (`forward`) attends within each scale only: one attention segment per scale
+    (flash-attn varlen / FlexAttention on CUDA, a boolean block-diagonal mask with SDPA elsewhere),
+    or the additive / boolean `attn_bias` given. This is M-VAR's train-mode graph; upstream's
+    eval-mode `forward` is a different, broken one (SPEC 5) and is not reproduced.
+
+    Sampling (`sampling_cache(True)`, then `forward_scale` for scales 0, 1, ...) needs no attention
+    KV cache (attention never leaves the scale). Each block instead carries its Mamba2 recurrent
+    state (`Mamba2State`: the last d_conv - 1 conv inputs and the SSM state, one row per CFG row),
+    so scale k costs O(pn_k^2) instead of upstream's re-run of Mamba over the whole prefix; the
+    logits equal the teacher-forced ones up to float rounding.
+
+    `shared_aln` is refused (upstream's is broken: `ada_gss` holds 6 vectors, the block needs 9).
+    Weights are initialised as upstream's `init_weights` (VAR's, which assumes 6 AdaLN chunks: rows
+    [0, 2C) of every `ada_lin` (gammas 1 and 2) are scaled by `init_adaln_gamma`, all others, the FFN
+    gamma 3 included, by `init_adaln`; Mamba's `in_proj` / `out_proj` are re-drawn like every Linear
+    and `conv1d` as trunc-normal(0.02) with zero bias; `dt_bias`, `A_log`, `D`, `norm.weight` keep
+    Mamba2's own init).
+    """
+
+    def __init__(
+        self,
+        *,
+        mamba_d_state: int = 64,
+        mamba_d_conv: int = 4,
+        mamba_expand: int = 2,
+        mamba_headdim: int = 64,
+        attn_backend: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("shared_aln", False):
+            raise ValueError(
+                "inter_scale='mamba' (M-VAR) does not support shared_aln=True: each M-VAR block needs 9 AdaLN "
+                "vectors and upstream's shared AdaLN (6 vectors) is broken; use shared_aln=False"
+            )
+        for name, value in (("mamba_d_state", mamba_d_state), ("mamba_d_conv", mamba_d_conv),
+                            ("mamba_expand", mamba_expand), ("mamba_headdim", mamba_headdim)):  # fmt: skip
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"MVARTransformer: {name} must be a positive int, got {value!r}")
+        embed_dim = kwargs.get("embed_dim")
+        if isinstance(embed_dim, int) and (mamba_expand * embed_dim) % mamba_headdim:
+            raise ValueError(
+                f"MVARTransformer: the Mamba2 width mamba_expand * embed_dim = {mamba_expand * embed_dim} is not "
+                f"divisible by mamba_headdim {mamba_headdim}"
+            )
+        # read by build_block while the parent constructor builds the blocks
+        self.mamba_kwargs = dict(d_state=mamba_d_state, d_conv=mamba_d_conv, expand=mamba_expand,
+                                 headdim=mamba_headdim)  # fmt: skip
+        self.attn_backend = attn_backend
+        super().__init__(**kwargs)
+        self.config.update(
+            inter_scale="mamba", mamba_d_state=mamba_d_state, mamba_d_conv=mamba_d_conv,
+            mamba_expand=mamba_expand, mamba_headdim=mamba_headdim,
+        )  # fmt: skip
+        self._mamba_states: list[Mamba2State | None] | None = None  # per block, while sampling
+        self._next_scale = 0
+
+    def build_attn_bias(self, scale_of_position: torch.Tensor) -> torch.Tensor:
+        """M-VAR's `attn_bias_for_masking`: block-diagonal, 0 where query and key share a scale, -inf
+        elsewhere (kept for strict loading; teacher forcing uses attention segments instead)."""
+        d = scale_of_position
+        return torch.where(d[:, None] == d[None, :], 0.0, -torch.inf).reshape(1, 1, self.L, self.L)
+
+    def build_block(self, block_idx: int, drop_path: float) -> nn.Module:
+        """Block `block_idx` (`blocks.{b}`): an `MVARBlock` conditioned on the class embedding."""
+        return MVARBlock(
+            self.C,
+            self.num_heads,
+            self.patch_nums,
+            cond_dim=self.D,
+            mlp_ratio=self.mlp_ratio,
+            norm_eps=self.norm_eps,
+            attn_l2_norm=self.attn_l2_norm,
+            drop=self.drop_rate,
+            attn_drop=self.attn_drop_rate,
+            drop_path=drop_path,
+            mamba_kwargs=self.mamba_kwargs,
+            attn_backend=self.attn_backend,
+        )
+
+    @torch.no_grad()
+    def init_weights(
+        self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02, init_std: float = 0.02
+    ) -> None:
+        """Upstream's `init_weights` (see the class docstring); `init_std < 0` means sqrt(1 / 3C)."""
+        super().init_weights(init_adaln, init_adaln_gamma, init_head, init_std)  # Linear, Embedding, head(_nm)
         for block in self.blocks:
-            x_BlC = block(x_BlC, cond_or_gss, None)
+            assert isinstance(block, MVARBlock)
+            conv = block.mamba.conv1d
+            nn.init.trunc_normal_(conv.weight.data, std=0.02)
+            if conv.bias is not None:
+                conv.bias.data.zero_()
+            block.attn.proj.weight.data.div_(math.sqrt(2 * self.depth))
+            block.ffn.fc2.weight.data.div_(math.sqrt(2 * self.depth))
+            ada = block.ada_lin[-1]
+            ada.weight.data[2 * self.C :].mul_(init_adaln)
+            ada.weight.data[: 2 * self.C].mul_(init_adaln_gamma)  # VAR's 6-chunk layout: gammas 1 and 2 only
+            ada.bias.data.zero_()
+
+    def forward(
+        self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, attn_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Teacher forcing (upstream's train-mode `MVAR.forward` without the label dropout): labels (B,)
+        and the next-scale inputs (B, L' - first_l, Cv) of whole scales (L' <= L) -> logits (B, L', V)
+        float32. `attn_bias` (boolean, True = attend, or additive; (L', L') or broadcastable to
+        (B, H, L', L')) replaces the default one-segment-per-scale attention."""
+        x_BLC, cond_BD = self.teacher_forcing_input(label_B, x_BLCv_wo_first_l)
+        main_type = _main_type(x_BLC)
+        x_BLC, cond = x_BLC.to(main_type), cond_BD.to(main_type)
+        if attn_bias is not None and attn_bias.is_floating_point():
+            attn_bias = attn_bias.to(main_type)
+        for block in self.blocks:
+            x_BLC = block(x_BLC, cond, attn_mask=attn_bias)
+        return self.get_logits(x_BLC, cond_BD)
+
+    def kv_caching(self, enable: bool) -> None:
+        """M-VAR keeps no attention KV cache; see `sampling_cache`."""
+        self.sampling_cache(enable)
+
+    def sampling_cache(self, enable: bool) -> None:
+        """Start (zero states, next scale 0) or free the carried Mamba2 state of every block."""
+        self._mamba_states = [None] * len(self.blocks) if enable else None
+        self._next_scale = 0
+
+    def forward_scale(self, label_B: torch.Tensor, si: int, next_input: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (R, pn_si^2, V) of scale `si` for R = len(label_B) rows (inputs as in VAR's
+        `forward_scale`): attention among the scale's tokens, every block's Mamba continuing from its
+        carried state. After `sampling_cache(True)` the scales must come in order 0, 1, ... with the
+        same rows; without it only scale 0 can run (from zero states, nothing is kept)."""
+        if not 0 <= si < len(self.patch_nums):
+            raise ValueError(f"scale index {si} out of range for {len(self.patch_nums)} scales")
+        caching = self._mamba_states is not None
+        if si > 0 and (next_input is None or not caching):
+            raise RuntimeError(
+                "scale si > 0 needs its next_input and the carried Mamba states (sampling_cache(True), then the "
+                "scales in order)"
+            )
+        if caching and si != self._next_scale:
+            raise RuntimeError(f"scale {si} was fed, but the carried Mamba states are at scale {self._next_scale}")
+        x_BlC, cond_BD = self.scale_input(label_B, si, next_input)
+        states = self._mamba_states if caching else [None] * len(self.blocks)
+        assert states is not None
+        for i, block in enumerate(self.blocks):
+            x_BlC, states[i] = block.forward_scale(x_BlC, cond_BD, states[i])
+        if caching:
+            self._next_scale = si + 1
         return self.get_logits(x_BlC, cond_BD)
+
+
+def _main_type(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul gets here under autocast (x's dtype without), as upstream probes it."""
+    probe = x.new_ones(8, 8)
+    return torch.matmul(probe, probe).dtype
 
 
 # ---- generator: one step per scale, coarse to fine ----
@@ -468,6 +672,11 @@ class _SamplingState:
     f_hat: torch.Tensor | None = None  # (B, Cv, P, P) running reconstruction
     next_input: torch.Tensor | None = None  # (B, Cv, pn, pn) input of the next scale
 
+
+# How positions of different scales mix: VAR's block-causal attention, or M-VAR's intra-scale
+# attention plus a Mamba2 scan over the sequence. Mamba2 defaults: M-VAR's (mamba-ssm 2.2's).
+INTER_SCALE = ("attention", "mamba")
+_MAMBA_DEFAULTS = dict(mamba_d_state=64, mamba_d_conv=4, mamba_expand=2, mamba_headdim=64)
 
 # Official VAR optimizer: no weight decay on 1-D parameters, biases and these names (train.py's nowd_keys).
 _NO_WEIGHT_DECAY_KEYS = (
@@ -492,6 +701,14 @@ class NextScaleGenerator(BaseGenerator):
     one `torch.multinomial` over all (B*l, V) rows per scale with the given generator. With
     `more_smooth` (upstream's Gumbel-softmax visualisation mode) the ids are still drawn, but each
     scale adds the Gumbel-softmax-weighted mix of codebook vectors to f_hat instead.
+
+    `inter_scale` picks how positions of different scales mix: "attention" (VAR: block-causal
+    attention, `NextScaleTransformer`) or "mamba" (M-VAR: attention inside each scale plus a Mamba2
+    scan across scales, `MVARTransformer`; `mamba_d_state`, `mamba_d_conv`, `mamba_expand`,
+    `mamba_headdim` size its Mamba2, M-VAR's values by default; `shared_aln` is refused). With
+    "mamba" the teacher-forcing `mask` is block-diagonal and `generate()` carries every block's
+    Mamba2 state (for the CFG-doubled rows) from one scale to the next, so each scale runs Mamba
+    over its own positions only; the logits equal the teacher-forced ones up to float rounding.
 
     Network arguments are those of `NextScaleTransformer`; `vocab_size`, `patch_nums` and
     `codebook_dim` default to the tokenizer's (given all three, no tokenizer is needed: e.g. to
@@ -524,8 +741,27 @@ class NextScaleGenerator(BaseGenerator):
         codebook_dim: int | None = None,
         label_smoothing: float = 0.0,
         more_smooth: bool = False,
+        inter_scale: str = "attention",
+        mamba_d_state: int = 64,
+        mamba_d_conv: int = 4,
+        mamba_expand: int = 2,
+        mamba_headdim: int = 64,
         **kwargs: Any,
     ) -> None:
+        if inter_scale not in INTER_SCALE:
+            raise ValueError(f"inter_scale must be one of {list(INTER_SCALE)}, got {inter_scale!r}")
+        mamba = dict(mamba_d_state=mamba_d_state, mamba_d_conv=mamba_d_conv, mamba_expand=mamba_expand,
+                     mamba_headdim=mamba_headdim)  # fmt: skip
+        if inter_scale == "attention" and mamba != _MAMBA_DEFAULTS:
+            changed = {k: v for k, v in mamba.items() if v != _MAMBA_DEFAULTS[k]}
+            raise ValueError(
+                f"{changed} only apply to inter_scale='mamba' (this generator has inter_scale='attention')"
+            )
+        if inter_scale == "mamba" and shared_aln:
+            raise ValueError(
+                "inter_scale='mamba' (M-VAR) does not support shared_aln=True: each M-VAR block needs 9 AdaLN "
+                "vectors and upstream's shared AdaLN (6 vectors) is broken; use shared_aln=False"
+            )
         super().__init__(**kwargs)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -565,7 +801,10 @@ class NextScaleGenerator(BaseGenerator):
         self.more_smooth = more_smooth
         self.last_f_hat: torch.Tensor | None = None
         self._sampling: _SamplingState | None = None
-        self.net = NextScaleTransformer(
+        self.inter_scale = inter_scale
+        net_class, extra = (MVARTransformer, mamba) if inter_scale == "mamba" else (NextScaleTransformer, {})
+        self.net = net_class(
+            **extra,
             depth=depth,
             embed_dim=embed_dim,
             num_heads=num_heads,
@@ -625,9 +864,27 @@ class NextScaleGenerator(BaseGenerator):
         begin, end = self.net.begin_ends[step]
         return self.step_inputs(tokens_BN, None)[:, begin - self.first_l : end - self.first_l]
 
+    def visibility_mask(self) -> torch.Tensor:
+        """(N, N) bool, True = may attend. VAR: block-causal (own and coarser scales). M-VAR
+        (`inter_scale='mamba'`): block-diagonal, attention stays inside each scale (coarser scales
+        reach a position through the causal Mamba scan, which no mask describes)."""
+        if self.inter_scale == "mamba":
+            with torch.device("cpu"):
+                steps = self.step_of_slot()
+                return steps[:, None] == steps[None, :]
+        return super().visibility_mask()
+
+    def teacher_forcing(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N, V). With `inter_scale='mamba'` the network's own one-segment-per-scale
+        attention is used (flash-attn varlen / FlexAttention on CUDA) rather than the dense `mask`."""
+        if self.inter_scale == "mamba":
+            return self(self.step_inputs(tokens_BN, None), labels_B, None)
+        return super().teacher_forcing(tokens_BN, labels_B)
+
     def forward(self, inputs: torch.Tensor, labels_B: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: next-scale inputs (B, N - first_l, Cv) -> logits (B, N, V); `mask` (N, N)
-        bool (True = may attend) becomes an additive mask (default: the network's block-causal one)."""
+        bool (True = may attend) becomes an additive mask (default: the network's own, block-causal
+        for VAR, one attention segment per scale for M-VAR)."""
         bias = None
         if mask is not None:
             zeros = torch.zeros(mask.shape, device=mask.device)
@@ -636,7 +893,7 @@ class NextScaleGenerator(BaseGenerator):
 
     def start_sampling(self, batch_size: int) -> None:
         self.require_tokenizer()
-        self.net.kv_caching(True)
+        self.net.sampling_cache(True)
         self._sampling = _SamplingState()
 
     def forward_step(self, inputs: torch.Tensor | None, labels_B: torch.Tensor, step: int) -> torch.Tensor:
@@ -644,7 +901,7 @@ class NextScaleGenerator(BaseGenerator):
         return self.net.forward_scale(labels_B, step, inputs)
 
     def end_sampling(self) -> None:
-        self.net.kv_caching(False)
+        self.net.sampling_cache(False)
         if self._sampling is not None:
             self.last_f_hat = self._sampling.f_hat
         self._sampling = None
@@ -767,6 +1024,12 @@ def _official(depth: int) -> dict[str, Any]:
     )
 
 
+def _official_mvar(depth: int) -> dict[str, Any]:
+    """M-VAR's released sizes (SPEC 7): VAR's with Mamba across scales; the d16 / d20 checkpoints
+    use attn_l2_norm=False (M-VAR's README), d24 / d30 True."""
+    return dict(_official(depth), inter_scale="mamba", attn_l2_norm=depth >= 24)
+
+
 register_sizes(
     NextScaleGenerator,
     {
@@ -775,5 +1038,10 @@ register_sizes(
         "var-d24": _official(24),
         "var-d30": _official(30),
         "var-tiny": dict(depth=4, embed_dim=128, num_heads=4),
+        "mvar-d16": _official_mvar(16),
+        "mvar-d20": _official_mvar(20),
+        "mvar-d24": _official_mvar(24),
+        "mvar-d30": _official_mvar(30),
+        "mvar-tiny": dict(depth=4, embed_dim=128, num_heads=4, inter_scale="mamba"),
     },
 )

@@ -31,6 +31,8 @@ from arzoo.tokenizers.multiscale_vq import MultiScaleVQTokenizer
 
 __all__ = [
     "VAR_VQVAE_256",
+    "build_next_scale_generator",
+    "check_tokenizer_args",
     "extract_state_dict",
     "load_checkpoint_file",
     "load_var_generator",
@@ -325,16 +327,50 @@ def load_var_generator(
     (arzoo's `cfg = 1` means no guidance; upstream's top_k=0 / top_p=0 mean off). A draw happens at
     every scale either way, so top_k=1 is not `greedy=True` (which consumes no randomness).
     """
+    check_tokenizer_args(tokenizer, tokenizer_path)
+    is_path = isinstance(source, (str, Path))
+    raw = load_checkpoint_file(source, "VAR checkpoint") if is_path else source
+    state_dict = extract_state_dict(raw)
+    if _MAMBA_KEY in state_dict:
+        raise ValueError(
+            "this is an M-VAR checkpoint (blocks.0.mamba.* entries): load it with "
+            "arzoo.interop.mvar.load_mvar_generator"
+        )
+    official = dict(config) if config is not None else var_config_from_state_dict(state_dict)
+    return build_next_scale_generator(
+        source, state_dict, var_kwargs_from_official(official), official=official,
+        tokenizer=tokenizer, tokenizer_path=tokenizer_path, overrides=overrides,
+    )  # fmt: skip
+
+
+_MAMBA_KEY = "blocks.0.mamba.in_proj.weight"
+
+
+def check_tokenizer_args(tokenizer: MultiScaleVQTokenizer | None, tokenizer_path: str | None) -> None:
+    """At most one of them, and a `MultiScaleVQTokenizer` object."""
     if tokenizer_path is not None and tokenizer is not None:
         raise ValueError("pass either tokenizer_path= or tokenizer=, not both")
     if tokenizer is not None and not isinstance(tokenizer, MultiScaleVQTokenizer):
         raise TypeError(f"tokenizer must be a MultiScaleVQTokenizer, got {type(tokenizer).__name__}")
+
+
+def build_next_scale_generator(
+    source: str | Path | Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    kwargs: dict[str, Any],
+    *,
+    official: Mapping[str, Any],
+    tokenizer: MultiScaleVQTokenizer | None,
+    tokenizer_path: str | None,
+    overrides: Mapping[str, Any],
+) -> NextScaleGenerator:
+    """A `NextScaleGenerator(**kwargs, **overrides)` (eval mode) holding the official `state_dict`
+    (loaded strictly into `generator.net`), with the tokenizer of `load_var_generator` (shared by
+    the VAR and M-VAR loaders; `source` and `official` only word the errors)."""
+    check_tokenizer_args(tokenizer, tokenizer_path)
     is_path = isinstance(source, (str, Path))
-    raw = load_checkpoint_file(source, "VAR checkpoint") if is_path else source
     where = str(source) if is_path else "the given mapping"
-    state_dict = extract_state_dict(raw)
-    official = dict(config) if config is not None else var_config_from_state_dict(state_dict)
-    kwargs = var_kwargs_from_official(official)
+    kwargs = dict(kwargs)
     if tokenizer_path is None and tokenizer is None:
         # Without a tokenizer the codebook sizes come from the checkpoint (head rows, word_embed columns).
         if "head.weight" in state_dict and "word_embed.weight" in state_dict:
@@ -355,11 +391,11 @@ def load_var_generator(
     if on_meta:  # `.to` too: Lightning's `device` attribute does not follow `to_empty`
         generator.to_empty(device="cpu").to("cpu")
     expected = {k: v.shape for k, v in generator.net.state_dict().items()}
-    described = f"config {official}" + (f" with overrides {overrides}" if overrides else "")
+    described = f"config {dict(official)}" + (f" with overrides {dict(overrides)}" if overrides else "")
     problem = describe_state_dict_mismatch(
         expected,
         state_dict,
-        context=f"checkpoint {where} does not fit NextScaleTransformer built from {described}",
+        context=f"checkpoint {where} does not fit {type(generator.net).__name__} built from {described}",
         hint="Pass the checkpoint's constructor arguments as config= (depth, embed_dim, num_heads, patch_nums, "
         "attn_l2_norm, shared_aln), and a tokenizer with its vocabulary and codebook width.",
     )
