@@ -109,7 +109,7 @@ def test_quantised_contributions_stay_in_band(mode) -> None:
 def test_bandpass_residual_of_a_band_is_the_band_of_the_features() -> None:
     # Earlier contributions have no energy in band k, so band k is picked from f's own band k:
     # the ids equal quantising each band of f alone.
-    tok = _tiny()
+    tok = _tiny(band_mode="bandpass")
     f = tok.features(_images()).detach()
     ids = tok.features_to_token_maps(f)
     for k, band in enumerate(tok.split_bands(f)):

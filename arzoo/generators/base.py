@@ -390,16 +390,16 @@ class BaseGenerator(L.LightningModule):
 
     # ---- optimisation ----------------------------------------------------------------------------
 
+    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
+        """Whether AdamW leaves this network parameter undecayed: norms, biases, embeddings."""
+        lowered = name.lower()
+        return param.ndim < 2 or "norm" in lowered or "embed" in lowered or "pos_" in lowered
+
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []
         for name, param in self.net.named_parameters():
-            if not param.requires_grad:
-                continue
-            lowered = name.lower()
-            if param.ndim < 2 or "norm" in lowered or "embed" in lowered or "pos_" in lowered:
-                no_decay.append(param)
-            else:
-                decay.append(param)
+            if param.requires_grad:
+                (no_decay if self.no_weight_decay(name, param) else decay).append(param)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr,

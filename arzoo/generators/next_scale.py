@@ -982,26 +982,10 @@ class NextScaleGenerator(BaseGenerator):
             label_smoothing=self.label_smoothing,
         )
 
-    def configure_optimizers(self) -> Any:
-        """AdamW as upstream's train.py: no weight decay on 1-D parameters, biases, positional / level
-        embeddings, `ada_gss` and the attention scales; warmup + cosine LR as every arzoo generator."""
-        decay, no_decay = [], []
-        for name, param in self.net.named_parameters():
-            if not param.requires_grad:
-                continue
-            if param.ndim == 1 or name.endswith("bias") or any(key in name for key in _NO_WEIGHT_DECAY_KEYS):
-                no_decay.append(param)
-            else:
-                decay.append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.betas),
-        )
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
-        total = int(total) if total != float("inf") else 0
-        scheduler = warmup_cosine_scheduler(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
+        """As upstream's train.py: no weight decay on 1-D parameters, biases, positional / level
+        embeddings, `ada_gss` and the attention scales."""
+        return param.ndim == 1 or name.endswith("bias") or any(key in name for key in _NO_WEIGHT_DECAY_KEYS)
 
 
 # Official VAR sizes (ImageNet 256, SPEC 7: width 64*depth, heads = depth, drop path 0.1*depth/24,

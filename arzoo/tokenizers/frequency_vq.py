@@ -25,7 +25,7 @@ pn = g_k a band's token grid side):
   takes everything left (corners included), so the masks partition the spectrum and
   sum_k IFFT(M_k * FFT(f)) == f. Band 0 with g_0 = 1 is the DC component. A band that comes out
   empty (e.g. grids 2 and 3 under the square mask, both cut at frequency 1) is an error.
-* Residual quantisation, band by band (`band_mode="bandpass"`, default), for k = 0..K-1:
+* Residual quantisation, band by band (`band_mode="bandpass"`), for k = 0..K-1:
   z_k = area_resize(bandpass_k(rest), g_k); ids_k = nearest code of every cell;
   h_k = bandpass_k(Phi_k(bicubic_up(codebook[ids_k], P))); f_hat += h_k; rest -= h_k.
   (*) The band-pass is applied *after* Phi (VAR's 3x3 refinement), so every quantised contribution
@@ -38,7 +38,9 @@ pn = g_k a band's token grid side):
   (*) `band_mode="lowpass"` is the other reading of "frequency-guided residual": the
   target and the contribution of band k are low-passed at band k's cut-off instead of band-passed,
   so a later (finer) band can also correct the residual left in the lower frequencies, while the
-  running f_hat after band k still holds no frequency above cut-off k.
+  running f_hat after band k still holds no frequency above cut-off k. This is the default: on the
+  digits (600 steps, same sizes) it reached 32.3 dB val PSNR against 28.7 dB for "bandpass" and
+  32.9 dB for VAR's multi-scale tokenizer.
 * Losses are VAR's (mean over bands of mse(f_hat_k, f) for the codebook/Phi, beta times the same with
   the roles swapped for the encoder, straight-through f_hat), and so are the next-scale helpers
   (`teacher_forcing_input`, `next_scale_input`, `token_maps_to_fhat`, ...): band k+1's input is the
@@ -231,7 +233,7 @@ class FrequencyVQTokenizer(MultiScaleVQTokenizer):
         default_qresi_counts: int = 0,
         band_grids: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
         mask_shape: Literal["radial", "square"] = "radial",
-        band_mode: Literal["bandpass", "lowpass"] = "bandpass",
+        band_mode: Literal["bandpass", "lowpass"] = "lowpass",
         using_sa: bool = True,
         using_mid_sa: bool = True,
         codebook_init: float = 0.0,
