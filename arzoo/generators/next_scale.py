@@ -33,8 +33,8 @@ from arzoo.generators.registry import register_sizes
 from arzoo.generators.sampling import SamplingConfig, filter_logits_var
 from arzoo.nn.llama import DropPath
 from arzoo.nn.mamba import Mamba2State
+from arzoo.nn.mvar import MVARFFN as FFN  # VAR's MLP, the same in M-VAR
 from arzoo.nn.mvar import MVARBlock
-from arzoo.optim import warmup_cosine_scheduler
 from arzoo.tokenizers.base import Tokenizer
 from arzoo.tokenizers.multiscale_vq import MultiScaleVQTokenizer
 
@@ -106,20 +106,6 @@ class SelfAttention(nn.Module):
         dropout_p = self.attn_drop if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
-
-
-class FFN(nn.Module):
-    """VAR's MLP: `fc2(GELU_tanh(fc1(x)))` (keys `fc1`, `fc2`)."""
-
-    def __init__(self, embed_dim: int, hidden_dim: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, embed_dim)
-        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
 class SharedAdaLin(nn.Linear):

@@ -227,7 +227,7 @@ class MVARSelfAttention(nn.Module):
 
 
 class MVARFFN(nn.Module):
-    """fc2(GELU_tanh(fc1(x))), hidden width round(C * mlp_ratio)."""
+    """VAR's MLP `fc2(GELU_tanh(fc1(x)))` (keys `fc1`, `fc2`), used by VAR's and M-VAR's blocks."""
 
     def __init__(self, embed_dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
