@@ -7,6 +7,7 @@ generator and data module is reachable from YAML. Later subcommands (`sample`, `
 
 from __future__ import annotations
 
+import importlib
 import sys
 import lightning as L
 from jsonargparse import set_parsing_settings
@@ -26,15 +27,23 @@ class ArzooCLI(LightningCLI):
         return dict(LightningCLI.subcommands())
 
 
+# Commands that need no Trainer of their own: subcommand -> module with `main(argv: list[str])`.
+# They are dispatched before LightningCLI parses anything, and imported only when used.
+PLAIN_COMMANDS: dict[str, str] = {
+    "sample": "arzoo.sample_command",
+    "tokenize": "arzoo.tokenize_command",
+    "export": "arzoo.export_command",
+    "bench": "arzoo.bench.command",
+}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the `arzoo` console script and of `python -m arzoo`."""
     if args is None and len(sys.argv) == 1:
         args = ["--help"]
     argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "sample":  # needs no trainer or data: a plain jsonargparse command
-        from arzoo.sample_command import main as sample_main
-
-        sample_main(argv[1:])
+    if argv and argv[0] in PLAIN_COMMANDS:
+        importlib.import_module(PLAIN_COMMANDS[argv[0]]).main(argv[1:])
         return
     # Recipes write interpolations from the top of the config (`${data.init_args.image_size}`);
     # under a subcommand the real path starts with `fit.`, so let jsonargparse make them relative.
@@ -51,7 +60,7 @@ def main(args: list[str] | None = None) -> None:
         parser_kwargs={
             "parser_mode": "omegaconf+",
             "description": "arzoo: train and evaluate autoregressive image generators. "
-            "Also: `arzoo sample --help` (images from a generator checkpoint).",
+            "Also: `arzoo sample|tokenize|export|bench --help`.",
         },
         auto_configure_optimizers=False,
         args=args,
