@@ -79,6 +79,20 @@ def test_hash_is_stable_and_follows_overrides(tmp_path: Path) -> None:
     assert over.tokenizers["vq"].config_hash == a.tokenizers["vq"].config_hash  # the shared tokenizer is reused
 
 
+def test_two_stage_entries_share_one_budget(tmp_path: Path) -> None:
+    first = {"name": "s1", "recipe": "recipes/digits/raster.yaml", "tokenizer": "vq", "budget_share": 0.75, "evaluate": False}
+    second = {"name": "s2", "recipe": "recipes/digits/raster.yaml", "tokenizer": "vq", "budget_share": 0.25, "init_from": "s1"}
+    suite = load_suite(str(write_suite(tmp_path, budget={"train_images": 6400}, entries=[first, second])))
+    s1, s2 = suite.entries
+    assert (s1.config["trainer"]["max_steps"], s2.config["trainer"]["max_steps"]) == (75, 25)
+    assert not s1.evaluate and s2.evaluate
+    assert s2.config["model"]["init_args"]["init_from"] == f"entries/{s1.folder_name}/last.ckpt"
+    with pytest.raises(ValueError, match=r"starts from 's1', which is not an earlier entry"):
+        load_suite(str(write_suite(tmp_path, entries=[second, first])))
+    with pytest.raises(ValueError, match="budget_share 2.0"):
+        load_suite(str(write_suite(tmp_path, entries=[dict(first, budget_share=2.0)])))
+
+
 def test_suite_mistakes_name_the_entry(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"entry 'raster' uses tokenizer 'msvq'.*\['vq'\]"):
         load_suite(str(write_suite(tmp_path, entries=[{"name": "raster", "recipe": "recipes/digits/raster.yaml", "tokenizer": "msvq"}])))

@@ -167,6 +167,8 @@ def run_suite(suite_name: str, out: str | None = None, force: bool = False, devi
         # 4. every generator under the same settings (an entry's own overrides are shown)
         rows: list[dict[str, Any]] = []
         for run in suite.entries:
+            if not run.evaluate:
+                continue
             folder = out_dir / "entries" / run.folder_name
             eval_key = config_hash({"evaluation": run.evaluation, "device": device, "real": len(real_images)})
             result_path = folder / RESULT_FILE
@@ -180,7 +182,7 @@ def run_suite(suite_name: str, out: str | None = None, force: bool = False, devi
             load = load_average()
             row = evaluate_generator(folder / "last.ckpt", data_config, run.evaluation, metrics, device, folder / "samples.png")
             row["val_unigram_loss"] = unigram.get(run.tokenizer) if run.tokenizer else row.get("val_unigram_loss")
-            stats = train_stats[run.name]
+            stats = _chain_stats(suite, run, train_stats)
             row.update(
                 name=run.name, recipe=run.recipe, config_hash=run.config_hash, eval_hash=eval_key,
                 entry_folder=str(folder.relative_to(out_dir)), tokenizer=run.tokenizer,
@@ -213,6 +215,20 @@ def run_suite(suite_name: str, out: str | None = None, force: bool = False, devi
     _print_summary(console, board)
     console.print("wrote " + ", ".join(str(p) for p in paths))
     return out_dir
+
+
+def _chain_stats(suite: Suite, run: Run, train_stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Training stats of an entry summed over the stages it starts from (`init_from`)."""
+    by_name = {r.name: r for r in suite.entries}
+    chain, current = [run.name], run
+    while current.init_from is not None:
+        current = by_name[current.init_from]
+        chain.append(current.name)
+    parts = [train_stats[name] for name in chain]
+    images = sum(p.get("images_seen", 0) for p in parts)
+    elapsed = sum(p.get("elapsed_s", 0.0) for p in parts)
+    return {"images_seen": images, "elapsed_s": elapsed, "step": sum(p.get("step", 0) for p in parts),
+            "train_images_per_s": images / elapsed if elapsed else None}
 
 
 def _num_classes(suite: Suite) -> int:

@@ -11,6 +11,9 @@ tokenizers:
   vq: {recipe: recipes/digits/tokenizer_vq.yaml}
 entries:
   - {name: raster, recipe: recipes/digits/raster.yaml, tokenizer: vq, overrides: {...}, evaluation: {...}}
+  # a two-stage method: the first stage is trained but not ranked; the two share one budget
+  - {name: hmar-stage1, recipe: ..., tokenizer: msvq, budget_share: 0.7, evaluate: false}
+  - {name: hmar, recipe: ..., tokenizer: msvq, init_from: hmar-stage1, budget_share: 0.3}
 ```
 
 Recipes are the ones `arzoo fit` reads; the harness resolves each one (OmegaConf interpolation,
@@ -71,17 +74,17 @@ class Budget:
             return f"{self.train_images:,} training images seen per run"
         return f"{self.wall_clock_s:g} s of training wall clock per run"
 
-    def apply(self, config: dict[str, Any]) -> None:
-        """Set the trainer's stopping rule for this budget (the recipe's epochs no longer count)."""
+    def apply(self, config: dict[str, Any], share: float = 1.0) -> None:
+        """Set the trainer's stopping rule for `share` of this budget (the recipe's epochs no longer count)."""
         trainer = config.setdefault("trainer", {})
         trainer["max_epochs"] = -1
         if self.train_images is not None:
             batch = int(config["data"]["init_args"].get("batch_size", 64))
-            trainer["max_steps"] = max(1, -(-self.train_images // batch))
+            trainer["max_steps"] = max(1, -(-round(self.train_images * share) // batch))
             trainer.pop("max_time", None)
         else:
             trainer["max_steps"] = -1
-            trainer["max_time"] = {"seconds": int(round(self.wall_clock_s))}
+            trainer["max_time"] = {"seconds": max(1, int(round(self.wall_clock_s * share)))}
 
 
 @dataclass
@@ -93,6 +96,8 @@ class Run:
     recipe: str
     config: dict[str, Any]
     tokenizer: str | None = None
+    init_from: str | None = None  # the entry whose checkpoint this one starts from (a later training stage)
+    evaluate: bool = True
     evaluation: dict[str, Any] = field(default_factory=dict)
     evaluation_overrides: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -202,9 +207,24 @@ def load_suite(suite: str) -> Suite:
             raise ValueError(
                 f"{path}: entry {entry_name!r} uses tokenizer {tok!r}, but the suite defines {sorted(tokenizers)}"
             )
+        unknown = set(spec) - {"name", "recipe", "tokenizer", "overrides", "evaluation", "init_from", "budget_share", "evaluate"}
+        if unknown:
+            raise ValueError(f"{path}: entry {entry_name!r} has unknown key(s) {sorted(unknown)}")
+        share = float(spec.get("budget_share", 1.0))
+        if not 0 < share <= 1:
+            raise ValueError(f"{path}: entry {entry_name!r} has budget_share {share}; expected a fraction in (0, 1]")
         config = load_recipe(spec["recipe"], spec.get("overrides"))
         _strip_run_location(config)
-        budget.apply(config)
+        budget.apply(config, share)
+        init_from = spec.get("init_from")
+        if init_from is not None:
+            earlier = {r.name: r for r in entries}
+            if init_from not in earlier:
+                raise ValueError(
+                    f"{path}: entry {entry_name!r} starts from {init_from!r}, which is not an earlier entry "
+                    f"(earlier: {sorted(earlier)})"
+                )
+            config["model"].setdefault("init_args", {})["init_from"] = f"entries/{earlier[init_from].folder_name}/last.ckpt"
         if tok is not None:  # the tokenizer run's checkpoint is decided by its hash, so this stays stable
             config["model"].setdefault("init_args", {})["tokenizer_path"] = f"tokenizers/{tokenizers[tok].folder_name}/last.ckpt"
         entry_eval = dict(spec.get("evaluation") or {})
@@ -213,8 +233,8 @@ def load_suite(suite: str) -> Suite:
             raise ValueError(f"{path}: entry {entry_name!r} has unknown evaluation setting(s) {sorted(unknown)}")
         entries.append(
             Run(
-                entry_name, "generator", spec["recipe"], config, tokenizer=tok,
-                evaluation={**evaluation, **entry_eval}, evaluation_overrides=entry_eval,
+                entry_name, "generator", spec["recipe"], config, tokenizer=tok, init_from=init_from,
+                evaluate=bool(spec.get("evaluate", True)), evaluation={**evaluation, **entry_eval}, evaluation_overrides=entry_eval,
                 overrides=dict(spec.get("overrides") or {}),
             )
         )

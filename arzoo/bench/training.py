@@ -25,6 +25,8 @@ def runnable_config(run: Run, folder: Path, out_dir: Path) -> dict[str, Any]:
     tok_path = config.get("model", {}).get("init_args", {}).get("tokenizer_path")
     if run.tokenizer is not None and tok_path:
         config["model"]["init_args"]["tokenizer_path"] = str(out_dir / tok_path)
+    if run.init_from is not None:  # suite-relative like the tokenizer path, so the hash is location-free
+        config["model"]["init_args"]["init_from"] = str(out_dir / config["model"]["init_args"]["init_from"])
     trainer = config.setdefault("trainer", {})
     trainer["default_root_dir"] = str(folder)
     trainer["enable_progress_bar"] = False  # the harness shows progress; the child writes a log file
