@@ -3,6 +3,7 @@
 from arzoo.generators.base import BaseGenerator
 from arzoo.generators.callbacks import SampleGrid
 from arzoo.generators.next_frequency import NextFrequencyGenerator
+from arzoo.generators.next_neighbor import NeighborTransformer, NextNeighborGenerator
 from arzoo.generators.next_scale import MVARTransformer, NextScaleGenerator, NextScaleTransformer
 from arzoo.generators.raster import RasterGenerator, RasterTransformer
 from arzoo.generators.registry import create_generator, generator_config, list_generators, register_sizes
@@ -11,7 +12,9 @@ from arzoo.generators.sampling import SamplingConfig, filter_logits, filter_logi
 __all__ = [
     "BaseGenerator",
     "MVARTransformer",
+    "NeighborTransformer",
     "NextFrequencyGenerator",
+    "NextNeighborGenerator",
     "NextScaleGenerator",
     "NextScaleTransformer",
     "RasterGenerator",

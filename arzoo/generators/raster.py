@@ -398,7 +398,7 @@ class RasterGenerator(BaseGenerator):
         self.vocab_size, self.scales = vocab_size, scales
         self.grid_size = scales[0][0]
         self.cfg_interval = cfg_interval
-        self.net = RasterTransformer(
+        self.net = self.build_network(
             dim=dim,
             n_layer=n_layer,
             n_head=n_head,
@@ -417,6 +417,11 @@ class RasterGenerator(BaseGenerator):
             drop_path_rate=drop_path_rate,
         )
         self.configure_ema()
+
+    def build_network(self, **kwargs: Any) -> RasterTransformer:
+        """The network from `RasterTransformer` keyword arguments; a family variant (NAR's two-head
+        trunk) overrides this to build a subclass with its extra arguments."""
+        return RasterTransformer(**kwargs)
 
     def build_schedule(self) -> list[torch.Tensor]:
         """Raster order: step i predicts cell i."""
