@@ -130,3 +130,31 @@ def test_vocab_and_grid_come_from_the_tokenizer_checkpoint(tmp_path, monkeypatch
         model = RasterGenerator(**init_args)
     assert (model.vocab_size, model.grid_size, model.num_classes) == (16384, 16, 1000)
     assert model.num_params() == OFFICIAL_PARAMS["b"]
+
+
+# ---- HMAR-d16: both stages parse and build the official size (trainable counts of SPEC 7) ----------
+
+HMAR_STAGES = {"hmar_d16": (1, 310_283_520), "hmar_d16_stage2": (2, 157_408_384)}
+
+
+@pytest.mark.parametrize("recipe", list(HMAR_STAGES))
+def test_hmar_recipes_parse_and_build_the_official_size(recipe, tmp_path, monkeypatch, capsys):
+    from arzoo.generators import MaskedHierarchicalGenerator
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(RECIPES / f"{recipe}.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    model, trainer = config["model"], config["trainer"]
+    assert model["class_path"] == "arzoo.generators.MaskedHierarchicalGenerator"
+    assert trainer["precision"] == "bf16-mixed" and trainer["strategy"] == "ddp"
+    stage, trainable = HMAR_STAGES[recipe]
+    args = dict(model["init_args"], tokenizer_path=None, vocab_size=4096, codebook_dim=32,
+                patch_nums=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16])  # what checkpoints/var_vqvae.ckpt would supply
+    assert args["stage"] == stage and model["init_args"]["tokenizer_path"] == "checkpoints/var_vqvae.ckpt"
+    with torch.device("meta"):
+        built = MaskedHierarchicalGenerator(**args)
+    assert built.num_params() == 467_691_904 and built.num_trainable_params() == trainable
+    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in trainer["callbacks"]}
+    assert callbacks["ModelCheckpoint"]["dirpath"] == f"runs/imagenet256/{recipe}"

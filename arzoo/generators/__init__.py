@@ -2,6 +2,7 @@
 
 from arzoo.generators.base import BaseGenerator
 from arzoo.generators.callbacks import SampleGrid
+from arzoo.generators.masked_hierarchical import HMARTransformer, MaskedHierarchicalGenerator
 from arzoo.generators.next_frequency import NextFrequencyGenerator
 from arzoo.generators.next_neighbor import NeighborTransformer, NextNeighborGenerator
 from arzoo.generators.next_scale import MVARTransformer, NextScaleGenerator, NextScaleTransformer
@@ -11,7 +12,9 @@ from arzoo.generators.sampling import SamplingConfig, filter_logits, filter_logi
 
 __all__ = [
     "BaseGenerator",
+    "HMARTransformer",
     "MVARTransformer",
+    "MaskedHierarchicalGenerator",
     "NeighborTransformer",
     "NextFrequencyGenerator",
     "NextNeighborGenerator",

@@ -103,9 +103,14 @@ class SelfAttention(nn.Module):
                 k = torch.cat((self.cached_k, k), dim=2)
                 v = torch.cat((self.cached_v, v), dim=2)
             self.cached_k, self.cached_v = k, v
-        dropout_p = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=self.scale)
+        out = self.attend(q, k, v, attn_bias)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Any) -> torch.Tensor:
+        """Softmax attention of q (B, H, L, hd) over k, v (B, H, S, hd) with `attn_bias` (additive or
+        None) -> (B, H, L, hd); a subclass may accept other mask descriptions here."""
+        dropout_p = self.attn_drop if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, scale=self.scale)
 
 
 class SharedAdaLin(nn.Linear):
@@ -788,9 +793,8 @@ class NextScaleGenerator(BaseGenerator):
         self.last_f_hat: torch.Tensor | None = None
         self._sampling: _SamplingState | None = None
         self.inter_scale = inter_scale
-        net_class, extra = (MVARTransformer, mamba) if inter_scale == "mamba" else (NextScaleTransformer, {})
-        self.net = net_class(
-            **extra,
+        self.net = self.build_network(
+            mamba if inter_scale == "mamba" else {},
             depth=depth,
             embed_dim=embed_dim,
             num_heads=num_heads,
@@ -811,6 +815,13 @@ class NextScaleGenerator(BaseGenerator):
             init_std=init_std,
         )
         self.configure_ema()
+
+    def build_network(self, extra: Mapping[str, Any], **net_kwargs: Any) -> nn.Module:
+        """`self.net`: `NextScaleTransformer(**net_kwargs)`, or with `inter_scale='mamba'` an
+        `MVARTransformer` (`extra` holds its Mamba2 sizes). Subclasses may build another network."""
+        if self.inter_scale == "mamba":
+            return MVARTransformer(**extra, **net_kwargs)
+        return NextScaleTransformer(**net_kwargs)
 
     def _load_tokenizer(self, path: str | None, spec: Mapping | None) -> Tokenizer | None:
         try:
@@ -913,6 +924,14 @@ class NextScaleGenerator(BaseGenerator):
         drawn from `generator` after the ids, temperature max(0.27 (1 - 0.95 r), 0.005), r = k/(K-1))."""
         if sampling.greedy and self.more_smooth:
             raise ValueError("more_smooth adds Gumbel noise to every scale: it cannot be combined with greedy=True")
+        ids_Bl, logits = self.draw_scale(logits_BlV, sampling, generator)
+        self.add_scale_to_fhat(step, ids_Bl, logits, generator)
+        return ids_Bl
+
+    def draw_scale(
+        self, logits_BlV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAR's draw of one scale: (ids (B, l), the temperature-scaled and filtered float logits)."""
         B, l, V = logits_BlV.shape
         logits = logits_BlV.float()
         if sampling.temperature != 1.0:
@@ -923,13 +942,20 @@ class NextScaleGenerator(BaseGenerator):
         else:
             probs = logits.softmax(dim=-1).view(-1, V)
             ids_Bl = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
+        return ids_Bl, logits
+
+    def add_scale_to_fhat(
+        self, step: int, ids_Bl: torch.Tensor, logits: torch.Tensor, generator: torch.Generator | None
+    ) -> None:
+        """Inside `generate()`: add scale `step`'s codes to the running f_hat and set the next input
+        (`logits` are `draw_scale`'s, used by `more_smooth`); outside it, nothing."""
         state = self._sampling
         if state is not None:
             tok = self.require_tokenizer()
             assert isinstance(tok, MultiScaleVQTokenizer)
             if state.f_hat is None:
                 P = self.patch_nums[-1]
-                state.f_hat = torch.zeros(B, self.codebook_dim, P, P, device=logits.device)
+                state.f_hat = torch.zeros(ids_Bl.shape[0], self.codebook_dim, P, P, device=logits.device)
             if self.more_smooth:
                 ratio = step / (self.num_steps - 1)
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)
@@ -940,7 +966,6 @@ class NextScaleGenerator(BaseGenerator):
             else:
                 h_BlC = tok.embed_tokens(ids_Bl)
             state.f_hat, state.next_input = tok.next_scale_input(step, state.f_hat, h_BlC)
-        return ids_Bl
 
     def sample_random_labels(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """`batch_size` class ids drawn uniformly with replacement, as upstream's sampler does for

@@ -47,6 +47,7 @@ __all__ = [
     "MVARSelfAttention",
     "intra_scale_mask",
     "scale_lengths",
+    "segment_attention",
 ]
 
 _MAX_SCALE_MUL = torch.log(torch.tensor(100.0)).item()  # ln(100) in float32, as upstream
@@ -103,6 +104,34 @@ def _segment_mask_cpu_cached(seq_lens: tuple[int, ...], device: str) -> torch.Te
         torch.arange(len(seq_lens), device=device), torch.tensor(seq_lens, device=device)
     )
     return seg[:, None] == seg[None, :]
+
+
+def segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: Sequence[int],
+    scale: float,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Block-diagonal softmax attention, one segment per entry of `seq_lens` (summing to L), for
+    q, k, v (B, H, L, hd) -> (B, H, L, hd). "auto": a FlexAttention block mask on CUDA (any dtype,
+    any head width; no dropout), else SDPA with a boolean mask; "sdpa" / "flex" force one."""
+    seq_lens = tuple(int(n) for n in seq_lens)
+    if sum(seq_lens) != q.shape[-2]:
+        raise ValueError(f"seq_lens {seq_lens} sum to {sum(seq_lens)}, not the sequence length {q.shape[-2]}")
+    if backend not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
+    use_flex = q.is_cuda and dropout_p == 0.0 and _flex() is not None
+    if backend == "flex" and not use_flex:
+        raise RuntimeError("backend='flex' needs CUDA inputs, FlexAttention and no attention dropout")
+    if backend != "sdpa" and use_flex:
+        flex_attention, _ = _flex()
+        block_mask = _segment_block_mask(seq_lens, str(q.device))
+        return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=block_mask, scale=scale)
+    mask = _segment_mask_cpu_cached(seq_lens, str(q.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 class MVARSelfAttention(nn.Module):

@@ -1,0 +1,689 @@
+"""Masked-hierarchical generation (HMAR, NVlabs/HMAR, arXiv 2506.04421), class-conditional.
+
+HMAR is VAR's next-scale machine with two changes (facts: tests/fixtures/parity/hmar/SPEC.md):
+
+* **Markovian scales.** A token attends only to the tokens of its own scale (block-diagonal mask).
+  The coarser scales reach scale k only through its input, the tokenizer's running reconstruction
+  f_hat after scales < k brought to scale k's grid (VAR's input). So sampling keeps no KV cache:
+  each scale runs the network over its own tokens only, and memory stays flat in the scale count.
+* **Masked refinement within a scale.** After the next-scale branch has drawn every token of a scale
+  at once, a mask-prediction branch (its own last `n_layers_train` blocks and head, on the shared
+  base blocks) re-draws the least confident ones MaskGIT-style in a schedule of sub-steps. The
+  schedule (`mask_schedule`: per scale, how many tokens each sub-step fixes) is a sampling argument.
+
+Training has two stages (`stage`): 1 trains the next-scale branch (VAR with the Markovian mask and
+the official log-normal per-scale loss weights), 2 fine-tunes the mask branch (mask embedding, last
+blocks, head) from a stage-1 checkpoint (`init_from`) with the rest frozen. Both stages train the
+same network, in the official inference layout (`HMAR`: `base_blocks`, `ns_blocks`, `mask_blocks`,
+`ns_head*`, `mask_head*`, `word_embed` without bias + `word_embed_bias`, `mask_embed`), so the
+released checkpoints load strictly (`arzoo.interop.hmar.load_hmar_generator`).
+
+The transformer, its blocks, embeddings, guidance, filters and the tokenizer helpers are
+`NextScaleGenerator`'s. Shape letters as there: B batch, L positions, l one scale's positions,
+C width, Cv codebook width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arzoo.checkpoint_io import extract_state_dict, read_checkpoint
+from arzoo.generators.next_scale import (
+    PATCH_NUMS_256,
+    NextScaleGenerator,
+    NextScaleTransformer,
+    SelfAttention,
+    _main_type,
+)
+from arzoo.generators.registry import register_sizes
+from arzoo.generators.sampling import SamplingConfig
+from arzoo.nn.mvar import scale_lengths, segment_attention
+from arzoo.tokenizers.multiscale_vq import MultiScaleVQTokenizer
+
+__all__ = [
+    "HMARTransformer",
+    "MarkovSelfAttention",
+    "MaskedHierarchicalGenerator",
+    "default_mask_schedule",
+    "lognorm_loss_weights",
+    "stage1_key_to_inference",
+    "stage2_key_to_inference",
+]
+
+# The mask branch's parameters (stage 2 trains these and nothing else).
+MASK_BRANCH = ("mask_blocks.", "mask_head_nm.", "mask_head.", "mask_embed.")
+
+
+# ---- network ----
+
+
+class MarkovSelfAttention(SelfAttention):
+    """VAR's self-attention whose mask may also be a tuple of segment lengths: block-diagonal
+    attention, one segment per scale (FlexAttention on CUDA, SDPA with a boolean mask elsewhere)."""
+
+    attn_backend: str = "auto"
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Any) -> torch.Tensor:
+        if isinstance(attn_bias, tuple):
+            dropout_p = self.attn_drop if self.training else 0.0
+            return segment_attention(q, k, v, attn_bias, self.scale, dropout_p, self.attn_backend)
+        return super().attend(q, k, v, attn_bias)
+
+
+class HMARTransformer(NextScaleTransformer):
+    """HMAR's network in the official inference layout (SPEC 1), built as the stage-1 network
+    (VAR's, `depth` blocks) and then arranged as upstream's `load_base_and_ns_state_dict` does:
+    blocks [0, depth - n) become `base_blocks`, the last n = `n_layers_train` become `ns_blocks`,
+    `head(_nm)` becomes `ns_head(_nm)`, `word_embed`'s bias becomes `word_embed_bias`. The mask
+    branch (`mask_blocks`, `mask_head(_nm)`) starts as a copy of the next-scale one, as stage 2
+    starts from stage 1 (`init_mask_branch_from_ns`); `mask_embed` is the mask token (1, C).
+
+    Both branches share the base blocks. Teacher forcing (`forward`: next-scale branch,
+    `forward_mask`: mask branch) attends within each scale only; `forward_scale` runs one scale
+    while sampling, over its own tokens, with nothing carried from earlier scales but its input.
+    `attn_bias_for_masking` (official buffer) is the block-diagonal additive mask.
+    """
+
+    def __init__(self, *, n_layers_train: int = 8, attn_backend: str = "auto", **kwargs: Any) -> None:
+        depth = kwargs.get("depth")
+        if not isinstance(n_layers_train, int) or not isinstance(depth, int) or not 1 <= n_layers_train <= depth:
+            raise ValueError(f"HMAR: n_layers_train must be an int in [1, depth={depth}], got {n_layers_train!r}")
+        if kwargs.get("shared_aln", False):
+            raise ValueError("HMAR has no shared AdaLN (shared_aln=False in every official config)")
+        if attn_backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attn_backend must be 'auto', 'sdpa' or 'flex', got {attn_backend!r}")
+        self.n_layers_train, self.attn_backend = n_layers_train, attn_backend  # read by build_mixer
+        super().__init__(**kwargs)
+        self.config.update(n_layers_train=n_layers_train)
+        self.scale_lens = scale_lengths(self.patch_nums)
+        base = depth - n_layers_train
+        blocks = list(self.blocks)
+        del self.blocks, self.shared_ada_lin
+        self.base_blocks = nn.ModuleList(blocks[:base])
+        self.ns_blocks = nn.ModuleList(blocks[base:])
+        self.mask_blocks = copy.deepcopy(self.ns_blocks)
+        self.ns_head_nm, self.ns_head = self.head_nm, self.head
+        del self.head_nm, self.head
+        self.mask_head_nm, self.mask_head = copy.deepcopy(self.ns_head_nm), copy.deepcopy(self.ns_head)
+        weight, bias = self.word_embed.weight, self.word_embed.bias
+        del self.word_embed  # re-added last, for the official key order
+        self.word_embed_bias = nn.Parameter(bias.detach().clone())
+        self.word_embed = nn.Linear(self.Cvae, self.C, bias=False)
+        self.word_embed.weight = weight
+        self.mask_embed = nn.Embedding(1, self.C)
+        nn.init.trunc_normal_(self.mask_embed.weight.data, mean=0, std=math.sqrt(1 / self.C / 3))
+
+    def build_mixer(self, block_idx: int) -> nn.Module:
+        """VAR's self-attention, also taking segment lengths as its mask (block-diagonal attention)."""
+        mixer = MarkovSelfAttention(
+            self.C, self.num_heads, attn_drop=self.attn_drop_rate, proj_drop=self.drop_rate,
+            attn_l2_norm=self.attn_l2_norm,
+        )  # fmt: skip
+        mixer.attn_backend = self.attn_backend
+        return mixer
+
+    def build_attn_bias(self, scale_of_position: torch.Tensor) -> torch.Tensor:
+        """Block-diagonal `attn_bias_for_masking` (1, 1, L, L): 0 within a scale, -inf across."""
+        d = scale_of_position
+        return torch.where(d[:, None] == d[None, :], 0.0, -torch.inf).reshape(1, 1, self.L, self.L)
+
+    @torch.no_grad()
+    def init_mask_branch_from_ns(self) -> None:
+        """Copy the next-scale branch's last blocks and head into the mask branch (stage 2's start)."""
+        for src, dst in ((self.ns_blocks, self.mask_blocks), (self.ns_head_nm, self.mask_head_nm),
+                         (self.ns_head, self.mask_head)):  # fmt: skip
+            dst.load_state_dict(src.state_dict())
+
+    def branch(self, masked: bool) -> tuple[nn.ModuleList, nn.Module, nn.Module]:
+        """(blocks, head_nm, head) of the mask branch or the next-scale branch."""
+        if masked:
+            return self.mask_blocks, self.mask_head_nm, self.mask_head
+        return self.ns_blocks, self.ns_head_nm, self.ns_head
+
+    # -- embeddings --------------------------------------------------------------------------------
+
+    def embed(
+        self,
+        label_B: torch.Tensor,
+        begin: int,
+        x_ns_BlCv: torch.Tensor | None,
+        x_own_BlCv: torch.Tensor | None = None,
+        masked_Bl: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' input for positions [begin, begin + l) and the class embedding (B, C).
+
+        Position 0 (when `begin == 0`) is the class token + `pos_start`; the others are
+        `word_embed(x_ns) + word_embed_bias`, where `x_ns` (B, l, Cv) is the running f_hat brought
+        to the position's scale. The mask branch adds `word_embed(x_own)` (the scale's own codes)
+        with the `masked_Bl` positions (bool, broadcastable to (B, l)) replaced by `mask_embed`.
+        Level and position embeddings are added to all. Float32, outside autocast (as upstream)."""
+        B = label_B.shape[0]
+        with torch.autocast(device_type=label_B.device.type, enabled=False):
+            cond_BD = self.class_emb(label_B)
+            parts = []
+            if begin == 0:
+                parts.append(cond_BD.unsqueeze(1) + self.pos_start.expand(B, self.first_l, -1))
+            if x_ns_BlCv is not None and x_ns_BlCv.shape[1] > 0:
+                h_BlC = self.word_embed(x_ns_BlCv.float())
+                if x_own_BlCv is not None:
+                    own_BlC = self.word_embed(x_own_BlCv.float())
+                    if masked_Bl is not None:
+                        own_BlC = torch.where(masked_Bl[..., None], self.mask_embed.weight, own_BlC)
+                    h_BlC = h_BlC + own_BlC
+                parts.append(h_BlC + self.word_embed_bias)
+            x_BlC = torch.cat(parts, dim=1)
+            end = begin + x_BlC.shape[1]
+            if end > self.L:
+                raise ValueError(f"{end} positions exceed the {self.L} of patch_nums {list(self.patch_nums)}")
+            x_BlC = x_BlC + self.lvl_pos()[:, begin:end]
+        return x_BlC, cond_BD
+
+    def run(self, x_BlC: torch.Tensor, cond_BD: torch.Tensor, masked: bool, attn_bias: Any) -> torch.Tensor:
+        """Base blocks, then one branch's blocks and head -> logits (B, l, V) float32."""
+        blocks, head_nm, head = self.branch(masked)
+        main_type = _main_type(x_BlC)
+        x_BlC, cond = x_BlC.to(main_type), cond_BD.to(main_type)
+        if isinstance(attn_bias, torch.Tensor) and attn_bias.is_floating_point():
+            attn_bias = attn_bias.to(main_type)
+        for block in (*self.base_blocks, *blocks):
+            x_BlC = block(x_BlC, cond, attn_bias)
+        return head(head_nm(x_BlC.float(), cond_BD).float()).float()
+
+    def _teacher_mask(self, length: int, attn_bias: torch.Tensor | None) -> Any:
+        """The given mask, or one attention segment per (whole) scale of the first `length` positions."""
+        if attn_bias is not None:
+            return attn_bias
+        lens, total = [], 0
+        for n in self.scale_lens:
+            if total >= length:
+                break
+            lens.append(min(n, length - total))
+            total += lens[-1]
+        return tuple(lens)
+
+    # -- teacher forcing -------------------------------------------------------------------------
+
+    def forward(
+        self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, attn_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Next-scale branch (stage 1, upstream's `NextScalePrediction.forward` without label
+        dropout): labels (B,) and next-scale inputs (B, L' - 1, Cv) -> logits (B, L', V).
+        `attn_bias` (bool, True = attend, or additive) replaces the block-diagonal attention."""
+        self._check_inputs(label_B, x_BLCv_wo_first_l)
+        x_BLC, cond_BD = self.embed(label_B, 0, x_BLCv_wo_first_l)
+        return self.run(x_BLC, cond_BD, False, self._teacher_mask(x_BLC.shape[1], attn_bias))
+
+    def forward_mask(
+        self,
+        label_B: torch.Tensor,
+        x_BLCv_wo_first_l: torch.Tensor,
+        x_own_BLCv_wo_first_l: torch.Tensor,
+        masked_BL: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mask branch (stage 2, upstream's `MaskedPrediction.forward`): the next-scale inputs, each
+        scale's own codes (`x_own`, both (B, L' - 1, Cv)) and which of those L' - 1 positions are
+        masked (bool, (B, L' - 1) or (1, L' - 1)) -> logits (B, L', V)."""
+        self._check_inputs(label_B, x_BLCv_wo_first_l)
+        if x_own_BLCv_wo_first_l.shape != x_BLCv_wo_first_l.shape:
+            raise ValueError(
+                f"own-scale inputs {tuple(x_own_BLCv_wo_first_l.shape)} differ from the next-scale inputs "
+                f"{tuple(x_BLCv_wo_first_l.shape)}"
+            )
+        x_BLC, cond_BD = self.embed(label_B, 0, x_BLCv_wo_first_l, x_own_BLCv_wo_first_l, masked_BL)
+        return self.run(x_BLC, cond_BD, True, self._teacher_mask(x_BLC.shape[1], attn_bias))
+
+    def _check_inputs(self, label_B: torch.Tensor, x_BLCv: torch.Tensor) -> None:
+        B = x_BLCv.shape[0]
+        if label_B.shape != (B,) or x_BLCv.ndim != 3 or x_BLCv.shape[2] != self.Cvae:
+            raise ValueError(
+                f"expected labels (B,) and inputs (B, L - {self.first_l}, {self.Cvae}), got "
+                f"{tuple(label_B.shape)} and {tuple(x_BLCv.shape)}"
+            )
+
+    def teacher_forcing_input(
+        self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next-scale branch's input (B, L', C) and the class embedding: `embed` from position 0."""
+        return self.embed(label_B, 0, x_BLCv_wo_first_l)
+
+    # -- sampling: one scale at a time, nothing cached -------------------------------------------
+
+    def sampling_cache(self, enable: bool) -> None:
+        """HMAR carries no KV cache from scale to scale: nothing to start or free."""
+
+    def kv_caching(self, enable: bool) -> None:
+        """No KV cache (see `sampling_cache`)."""
+
+    def forward_scale(
+        self,
+        label_B: torch.Tensor,
+        si: int,
+        next_input: torch.Tensor | None = None,
+        own_input: torch.Tensor | None = None,
+        masked_Bl: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (R, pn_si^2, V) of scale `si` for R = len(label_B) rows: the next-scale branch, or
+        with `own_input` (the scale's own codes, (B, pn^2, Cv)) and `masked_Bl` (B, pn^2) the mask
+        branch. `next_input` is f_hat after scales < si brought to pn_si, (B, Cv, pn, pn) or
+        (B, pn^2, Cv) (None for scale 0); inputs with B = R / 2 serve both CFG halves."""
+        if not 0 <= si < len(self.patch_nums):
+            raise ValueError(f"scale index {si} out of range for {len(self.patch_nums)} scales")
+        rows = label_B.shape[0]
+        begin, end = self.begin_ends[si]
+        if si == 0:
+            if own_input is not None:
+                raise ValueError("the first scale (the class token) has no mask branch")
+            x_BlC, cond_BD = self.embed(label_B, 0, None)
+            return self.run(x_BlC, cond_BD, False, None)
+        if next_input is None:
+            raise ValueError(f"scale {si} needs its next_input (f_hat after the coarser scales)")
+        if next_input.ndim == 4:
+            next_input = next_input.flatten(2).transpose(1, 2)
+        B = next_input.shape[0]
+        if next_input.shape[1:] != (end - begin, self.Cvae) or rows % B != 0:
+            raise ValueError(
+                f"scale {si} input should be (B, {self.Cvae}, {self.patch_nums[si]}, {self.patch_nums[si]}) or "
+                f"(B, {end - begin}, {self.Cvae}) with B dividing {rows}, got {tuple(next_input.shape)}"
+            )
+        reps = rows // B
+        own = None if own_input is None else own_input.repeat(reps, 1, 1)
+        masked = None if masked_Bl is None else masked_Bl.repeat(reps, 1)
+        x_BlC, cond_BD = self.embed(label_B, begin, next_input.repeat(reps, 1, 1), own, masked)
+        return self.run(x_BlC, cond_BD, own_input is not None, None)
+
+
+# ---- official schedules, loss weights and key maps ----
+
+
+def default_mask_schedule(patch_nums: Sequence[int]) -> list[list[int]]:
+    """Upstream's default schedule where it applies (`utils/sampling_arg_util.py`): the 2x2 scale in
+    1 + 1 sub-steps ([1, 3]), the 3x3 one in 1 + 3 ([1, 1, 2, 5]), every other scale in one step."""
+    official = {2: [1, 3], 3: [1, 1, 2, 5]}
+    return [list(official.get(int(pn), [int(pn) ** 2])) for pn in patch_nums]
+
+
+def lognorm_loss_weights(patch_nums: Sequence[int]) -> torch.Tensor:
+    """(L,) stage-1 loss weight per position (upstream's `reweight_loss` with `lognorm`): scale i gets
+    a total weight proportional to the standard normal density at (pn_{S-1-i} / pn_{S-1} - mu) / sigma
+    (mu, sigma: mean and sample std of pn_k / pn_{S-1}; note the reversed scale list), normalised to
+    sum to 1 and shared equally by the scale's tokens."""
+    pns = torch.tensor([float(pn) for pn in patch_nums], dtype=torch.float64)
+    ratios = pns / pns[-1]
+    z = (ratios.flip(0) - ratios.mean()) / ratios.std(unbiased=True)
+    per_scale = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+    per_scale = per_scale / per_scale.sum()
+    return torch.cat([per_scale[i].expand(int(pn) ** 2) / int(pn) ** 2 for i, pn in enumerate(patch_nums)]).float()
+
+
+def stage1_key_to_inference(key: str, depth: int, n_layers_train: int) -> str:
+    """A stage-1 (`NextScalePrediction`, VAR layout) state-dict key -> the inference `HMAR` key."""
+    if key.startswith("blocks."):
+        idx, rest = key[len("blocks."):].split(".", 1)
+        i, base = int(idx), depth - n_layers_train
+        return f"base_blocks.{i}.{rest}" if i < base else f"ns_blocks.{i - base}.{rest}"
+    if key.startswith("head"):
+        return "ns_" + key
+    return "word_embed_bias" if key == "word_embed.bias" else key
+
+
+def stage2_key_to_inference(key: str, depth: int, n_layers_train: int) -> str:
+    """A stage-2 (`MaskedPrediction`) state-dict key -> the inference `HMAR` key (its first
+    `depth - n_layers_train` blocks are the frozen base blocks, the last ones the mask branch)."""
+    if key.startswith("blocks."):
+        idx, rest = key[len("blocks."):].split(".", 1)
+        i, base = int(idx), depth - n_layers_train
+        return f"base_blocks.{i}.{rest}" if i < base else f"mask_blocks.{i - base}.{rest}"
+    if key.startswith("head"):
+        return "mask_" + key
+    return key
+
+
+# ---- generator ----
+
+
+@dataclass
+class _Refinement:
+    """What `generate()` passes to the per-scale masked refinement."""
+
+    cfg: float
+    schedule: list[list[int]] | None  # None: no refinement (next-scale branch only)
+    labels: torch.Tensor | None = None  # the CFG-doubled rows of the current generation
+    trace: list[dict[str, Any]] | None = None  # filled when generate(trace=True)
+
+
+class MaskedHierarchicalGenerator(NextScaleGenerator):
+    """HMAR as an arzoo paradigm: one step per scale of a `MultiScaleVQTokenizer`, each scale seeing
+    only itself (block-diagonal visibility), refined by masked sub-steps while sampling.
+
+    `stage` 1 trains the next-scale branch (the loss weighted per position by
+    `lognorm_loss_weights`, or uniformly with `loss_weighting='uniform'`); `stage` 2 fine-tunes the
+    mask branch only, starting from `init_from` (a stage-1 arzoo checkpoint, an official stage-1
+    state dict or an inference `HMAR` one; read when fitting starts): each training step draws one
+    mask ratio p ~ U[0, 1) (0.5 in validation) and masks ceil(p * pn^2) random positions of every
+    scale but the first, the same for the whole batch; the loss is the cross-entropy over them.
+    `n_layers_train` is the number of blocks of each branch (upstream's `n_layers_train`).
+
+    `generate(..., mask_schedule=...)` overrides the `mask_schedule` argument (per scale, how many
+    tokens each sub-step fixes: `[n_0, n_1, ...]` summing to pn^2; a one-entry list means no
+    refinement; default: upstream's, `default_mask_schedule`). Per scale, the next-scale branch
+    draws every token (VAR's guidance, filters and draw); then, while sub-steps remain, all but the
+    n_0 most confident tokens (softmax of the filtered, guided logits at the drawn token; stable
+    ascending sort, so ties re-mask the lowest raster positions first) are masked, the mask branch
+    re-draws every position (guidance weight (cfg - 1) * 1e-6 as upstream, i.e. practically none),
+    the masked ones take the new tokens, and the least confident of them stay masked for the next
+    sub-step. `trace=True` records every step in `last_trace`.
+
+    Other arguments are `NextScaleGenerator`'s (no `inter_scale`, `shared_aln` or `more_smooth`),
+    with `init_adaln_gamma` 1e-3 by default (HMAR's). `attn_backend` picks the block-diagonal
+    attention of teacher forcing: "auto" (FlexAttention on CUDA, SDPA elsewhere), "sdpa" or "flex".
+    """
+
+    paradigm = "masked-hierarchical"
+
+    def __init__(
+        self,
+        n_layers_train: int = 1,
+        stage: int = 1,
+        mask_schedule: Sequence[Sequence[int]] | None = None,
+        init_from: str | None = None,
+        loss_weighting: str = "lognorm",
+        attn_backend: str = "auto",
+        init_adaln_gamma: float = 1e-3,
+        **kwargs: Any,
+    ) -> None:
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 (next-scale branch) or 2 (mask branch), got {stage!r}")
+        if loss_weighting not in ("lognorm", "uniform"):
+            raise ValueError(f"loss_weighting must be 'lognorm' or 'uniform', got {loss_weighting!r}")
+        for name in ("inter_scale", "more_smooth", "shared_aln"):
+            if kwargs.get(name) not in (None, False, "attention"):
+                raise ValueError(f"HMAR does not support {name}={kwargs[name]!r}")
+        self._net_extra = dict(n_layers_train=n_layers_train, attn_backend=attn_backend)  # for build_network
+        super().__init__(init_adaln_gamma=init_adaln_gamma, **kwargs)
+        self.stage = stage
+        self.loss_weighting = loss_weighting
+        self.mask_schedule = self.check_mask_schedule(
+            default_mask_schedule(self.patch_nums) if mask_schedule is None else mask_schedule
+        )
+        with torch.device("cpu"):  # a constant, also when the model is built on the meta device
+            self.loss_weights = lognorm_loss_weights(self.patch_nums)
+        self.last_trace: list[dict[str, Any]] | None = None
+        self._refine: _Refinement | None = None
+        self._loss_mask: torch.Tensor | None = None
+        self._initialised = False
+        self.set_trainable()
+
+    def build_network(self, extra: Mapping[str, Any], **net_kwargs: Any) -> nn.Module:
+        """`HMARTransformer` (the official inference layout) with VAR's network arguments."""
+        return HMARTransformer(**self._net_extra, **net_kwargs)
+
+    # ---- stages ----------------------------------------------------------------------------------
+
+    def set_trainable(self) -> None:
+        """Stage 1: everything but the mask branch trains; stage 2: only the mask branch."""
+        for name, param in self.net.named_parameters():
+            param.requires_grad_(name.startswith(MASK_BRANCH) == (self.stage == 2))
+
+    def num_trainable_params(self) -> int:
+        """Parameters this stage trains."""
+        return sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+
+    def setup(self, stage: str) -> None:
+        """Stage 2, when fitting starts: the weights of `init_from`, the mask branch copied from the
+        next-scale one (a resumed run then restores its own checkpoint over these)."""
+        if stage != "fit" or self.stage != 2 or self._initialised:
+            return
+        if self.hparams.get("init_from") is None:
+            raise ValueError(
+                "stage 2 fine-tunes the mask branch of a trained stage-1 model: give init_from= (a stage-1 "
+                "checkpoint, e.g. runs/.../last.ckpt)"
+            )
+        self.load_stage1(self.hparams["init_from"])
+
+    def load_stage1(self, source: str | Path | Mapping[str, Any]) -> None:
+        """Load a stage-1 model (arzoo checkpoint, official stage-1 state dict, or an inference
+        `HMAR` state dict) and start the mask branch from its next-scale branch."""
+        where = str(source) if isinstance(source, (str, Path)) else "the given mapping"
+        raw = read_checkpoint(source, "HMAR stage-1 checkpoint") if isinstance(source, (str, Path)) else source
+        state = extract_state_dict(raw)
+        if any(k.startswith("net.") for k in state):
+            state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        elif any(k.startswith("blocks.") for k in state):  # official NextScalePrediction layout
+            depth, n = self.net.depth, self.net.n_layers_train
+            state = {stage1_key_to_inference(k, depth, n): v for k, v in state.items()}
+        mine = self.net.state_dict()
+        missing = sorted(k for k in mine if k not in state and not k.startswith(MASK_BRANCH))
+        unexpected = sorted(k for k in state if k not in mine)
+        wrong = sorted(k for k in state if k in mine and state[k].shape != mine[k].shape)
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"{where} does not fit this HMAR network: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                f"other shapes {wrong[:5]} (same depth, width, n_layers_train, tokenizer?)"
+            )
+        self.net.load_state_dict({**mine, **state}, strict=True)
+        self.net.init_mask_branch_from_ns()
+        self.configure_ema()  # an EMA copy starts from the loaded weights
+        self._initialised = True
+
+    # ---- the paradigm ----------------------------------------------------------------------------
+
+    def visibility_mask(self) -> torch.Tensor:
+        """(N, N) bool: block-diagonal, each scale sees only itself (Markovian)."""
+        with torch.device("cpu"):
+            steps = self.step_of_slot()
+            return steps[:, None] == steps[None, :]
+
+    def check_mask_schedule(self, schedule: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The schedule as lists of ints, with a clear error unless each scale's entries are
+        positive and sum to its token count."""
+        schedule = [[int(n) for n in steps] for steps in schedule]
+        if len(schedule) != len(self.patch_nums):
+            raise ValueError(
+                f"mask_schedule needs one entry per scale ({len(self.patch_nums)} for patch_nums "
+                f"{list(self.patch_nums)}), got {len(schedule)}"
+            )
+        for si, (steps, pn) in enumerate(zip(schedule, self.patch_nums)):
+            if not steps or min(steps) < 1 or sum(steps) != pn * pn:
+                raise ValueError(
+                    f"mask_schedule[{si}] = {steps}: the tokens fixed per sub-step must be positive and sum "
+                    f"to the {pn}x{pn} scale's {pn * pn} tokens"
+                )
+        return schedule
+
+    def own_scale_input(self, si: int, ids_Bl: torch.Tensor) -> torch.Tensor:
+        """Scale si's own codes as the mask branch reads them (B, pn^2, Cv): area_down(phi_si(
+        bicubic_up(codebook(ids)))), without the resizes at the last scale (upstream's
+        `idxBl_to_mask_input`)."""
+        tok = self.require_tokenizer()
+        assert isinstance(tok, MultiScaleVQTokenizer)
+        pn, P = self.patch_nums[si], self.patch_nums[-1]
+        h_BChw = tok.embed_tokens(ids_Bl).transpose(1, 2).reshape(ids_Bl.shape[0], self.codebook_dim, pn, pn)
+        if si != len(self.patch_nums) - 1:
+            h_BChw = F.interpolate(h_BChw, size=(P, P), mode="bicubic")
+        h_BChw = F.interpolate(tok.quantize.phi(si)(h_BChw), size=(pn, pn), mode="area")
+        return h_BChw.flatten(2).transpose(1, 2)
+
+    def own_scale_inputs(self, tokens_BN: torch.Tensor) -> torch.Tensor:
+        """`own_scale_input` of every scale but the first: (B, N - first_l, Cv)."""
+        maps = [m.flatten(1) for m in self.split_scales(tokens_BN)]
+        with torch.autocast(device_type=tokens_BN.device.type, enabled=False):
+            return torch.cat([self.own_scale_input(si, maps[si]) for si in range(1, len(maps))], dim=1)
+
+    def draw_training_mask(self, device: torch.device | str) -> torch.Tensor:
+        """(N - first_l,) bool: ceil(p * pn^2) random positions of every scale but the first, with one
+        p ~ U[0, 1) per call in training (0.5 otherwise), the same for the whole batch."""
+        p = float(torch.rand(())) if self.training else 0.5
+        parts = []
+        for pn in self.patch_nums[1:]:
+            n = max(1, math.ceil(p * pn * pn))  # at least one, so the loss is never over nothing
+            keep = torch.zeros(pn * pn, dtype=torch.bool)
+            keep[torch.randperm(pn * pn)[:n]] = True
+            parts.append(keep)
+        return torch.cat(parts).to(device)
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def forward(self, inputs: torch.Tensor, labels_B: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing of the next-scale branch: inputs (B, N - first_l, Cv) -> logits (B, N, V);
+        `mask` (N, N) bool (True = may attend) defaults to block-diagonal attention per scale."""
+        return self.net(labels_B, inputs, attn_bias=mask)
+
+    def teacher_forcing(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N, V): the next-scale branch in stage 1; in stage 2 the mask branch with a
+        freshly drawn mask (kept for `token_loss`)."""
+        x_ns = self.step_inputs(tokens_BN, None)
+        if self.stage == 1:
+            return self.net(labels_B, x_ns)
+        masked = self.draw_training_mask(tokens_BN.device)
+        self._loss_mask = F.pad(masked, (self.first_l, 0))
+        return self.net.forward_mask(labels_B, x_ns, self.own_scale_inputs(tokens_BN), masked[None])
+
+    def token_loss(self, logits_BNV: torch.Tensor, targets_BN: torch.Tensor) -> torch.Tensor:
+        """Stage 1: per-position cross-entropy weighted by `loss_weights` (summing to 1), summed over
+        positions, mean over the batch. Stage 2: mean cross-entropy over the masked positions."""
+        ce_BN = F.cross_entropy(
+            logits_BNV.float().transpose(1, 2), targets_BN, label_smoothing=self.label_smoothing, reduction="none"
+        )
+        if self.stage == 1 and self._trainer is not None:  # the plain mean, comparable with the unigram baseline
+            split = "train" if self.training else "val"
+            self.log(f"{split}/mean_ce", ce_BN.mean().detach(), batch_size=len(ce_BN))
+        if self.stage == 2:  # the unmasked positions are never trained: only the masked ones count
+            if self._loss_mask is None:
+                raise RuntimeError("stage 2's loss needs the mask of the last teacher_forcing call")
+            return ce_BN[:, self._loss_mask].mean()
+        if self.loss_weighting == "uniform":
+            return ce_BN.mean()
+        return (ce_BN * self.loss_weights.to(ce_BN.device)).sum(dim=1).mean()
+
+    # ---- sampling --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        labels_B: torch.Tensor | list[int],
+        cfg: float = 1.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+        use_ema: bool = True,
+        mask_schedule: Sequence[Sequence[int]] | None = None,
+        refine: bool | None = None,
+        trace: bool = False,
+    ) -> torch.Tensor:
+        """Flat tokens (B, N) (see the class docstring). `refine=False` samples with the next-scale
+        branch only; the default refines in stage 2 only (in stage 1 the mask branch is untrained).
+        `trace=True` records every step in `last_trace`."""
+        schedule = self.mask_schedule if mask_schedule is None else self.check_mask_schedule(mask_schedule)
+        refine = self.stage == 2 if refine is None else refine
+        self._refine = _Refinement(cfg=cfg, schedule=schedule if refine else None, trace=[] if trace else None)
+        try:
+            return super().generate(labels_B, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=generator, greedy=greedy, use_ema=use_ema)  # fmt: skip
+        finally:
+            self.last_trace = self._refine.trace
+            self._refine = None
+
+    def forward_step(self, inputs: torch.Tensor | None, labels_B: torch.Tensor, step: int) -> torch.Tensor:
+        """Next-scale logits (R, pn_step^2, V) of one scale, over its own tokens only."""
+        if self._refine is not None:
+            self._refine.labels = labels_B
+        return self.net.forward_scale(labels_B, step, inputs)
+
+    def logits_to_tokens(
+        self, logits_BlV: torch.Tensor, step: int, sampling: SamplingConfig, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """VAR's draw of the scale, then (inside `generate()`) the masked refinement of its schedule
+        and the update of the running f_hat with the final tokens."""
+        ids_Bl, filtered = self.draw_scale(logits_BlV, sampling, generator)
+        refine = self._refine
+        if refine is not None and self._sampling is not None:
+            ids_Bl = self.refine_scale(step, ids_Bl, logits_BlV, filtered, sampling, generator, refine)
+        self.add_scale_to_fhat(step, ids_Bl, filtered, generator)
+        return ids_Bl
+
+    def refine_scale(
+        self,
+        si: int,
+        ids_Bl: torch.Tensor,
+        logits_BlV: torch.Tensor,
+        filtered_BlV: torch.Tensor,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        refine: _Refinement,
+    ) -> torch.Tensor:
+        """The masked sub-steps of scale `si` after its next-scale draw `ids_Bl` -> final ids (B, l)."""
+        B, l = ids_Bl.shape
+        plan = [l] if refine.schedule is None else refine.schedule[si]
+        record = refine.trace is not None
+        steps: list[dict[str, Any]] = []
+        if record:
+            steps.append(dict(kind="ns", logits_cfg=logits_BlV.float().clone(), sampled=ids_Bl.clone()))
+            if l > 1:  # as upstream's trace: what stays masked after the draw (nothing without refinement)
+                steps[0]["idx_to_mask_after"] = ids_Bl.new_zeros(B, 0)
+        finalized_Bl = torch.zeros_like(ids_Bl)  # the sub-step that fixed each token (0: the next-scale draw)
+        if len(plan) > 1 and l > 1:
+            assert refine.labels is not None and self._sampling is not None
+            labels, next_input = refine.labels, self._sampling.next_input
+            guided, t = len(labels) != B, (refine.cfg - 1.0) * 1e-6  # upstream hard-codes cfg * 1e-6
+            # stable sort: with equal confidences (e.g. top_k=1) the lowest raster positions are re-masked
+            masked_idx = _confidence(filtered_BlV, ids_Bl).argsort(dim=-1, stable=True)[:, : l - plan[0]]
+            if record:
+                steps[0]["idx_to_mask_after"] = masked_idx.clone()
+            for j in range(1, len(plan)):
+                masked_Bl = torch.zeros_like(ids_Bl, dtype=torch.bool).scatter_(1, masked_idx, True)
+                own_BlCv = self.own_scale_input(si, ids_Bl)  # the masked tokens' codes still reach neighbours
+                logits = self.net.forward_scale(labels, si, next_input, own_BlCv, masked_Bl).float()
+                if guided:
+                    logits = (1 + t) * logits[:B] - t * logits[B:]
+                new_Bl, filtered = self.draw_scale(logits, sampling, generator)
+                if record:
+                    steps.append(dict(kind="mask", tokens_in=ids_Bl.clone(), idx_to_mask_in=masked_idx.clone(),
+                                      logits_cfg=logits, sampled=new_Bl))  # fmt: skip
+                ids_Bl = torch.where(masked_Bl, new_Bl, ids_Bl)
+                if j == len(plan) - 1:
+                    finalized_Bl[masked_Bl] = j
+                    break
+                conf = _confidence(filtered, new_Bl).gather(1, masked_idx)
+                masked_idx = masked_idx.gather(1, conf.argsort(dim=-1, stable=True)[:, : sum(plan[j + 1 :])])
+                finalized_Bl[masked_Bl & ~torch.zeros_like(masked_Bl).scatter_(1, masked_idx, True)] = j
+                if record:
+                    steps[-1]["idx_to_mask_after"] = masked_idx.clone()
+        if record:
+            refine.trace.append(dict(si=si, pn=self.patch_nums[si], steps=steps, final_tokens=ids_Bl.clone(),
+                                     finalized_at_step=finalized_Bl))  # fmt: skip
+        return ids_Bl
+
+
+def _confidence(filtered_BlV: torch.Tensor, ids_Bl: torch.Tensor) -> torch.Tensor:
+    """(B, l) probability of the drawn tokens under the filtered logits (upstream's confidence)."""
+    return filtered_BlV.softmax(dim=-1).gather(-1, ids_Bl.unsqueeze(-1)).squeeze(-1)
+
+
+def _official(depth: int) -> dict[str, Any]:
+    """A released size (SPEC 7): VAR-d's transformer, width 64 * depth, 8 blocks per branch."""
+    return dict(depth=depth, embed_dim=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24,
+                attn_l2_norm=True, vocab_size=4096, codebook_dim=32, patch_nums=list(PATCH_NUMS_256),
+                num_classes=1000, n_layers_train=8)  # fmt: skip
+
+
+register_sizes(
+    MaskedHierarchicalGenerator,
+    {
+        "hmar-d16": _official(16),
+        "hmar-d20": _official(20),
+        "hmar-d24": _official(24),
+        "hmar-d30": _official(30),
+        "hmar-tiny": dict(depth=4, embed_dim=128, num_heads=4, n_layers_train=2),
+    },
+)
