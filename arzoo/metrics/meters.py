@@ -6,13 +6,19 @@
   process's resident set size (RSS) sampled from /proc/self/statm by a background thread every
   `interval` seconds (5 ms), maximum minus the RSS at entry. `ru_maxrss` is not used on Linux
   because it is the maximum over the whole process lifetime, so a block after a bigger one would
-  read 0 growth; a spike shorter than the interval can be missed.
+  read 0 growth; a spike shorter than the interval can be missed. Freed heap memory that the C
+  allocator kept from earlier work would hide growth, so on glibc the meter returns it to the OS
+  (`malloc_trim`) at entry and fixes the mmap threshold (large tensors get their own pages, given
+  back when freed) — without that a second model sampled in the same process could read 0.
 - `machine_load()`: /proc/loadavg (or os.getloadavg) and the CPU count, to print next to timings.
 - `count_flops(fn)`: FLOPs of one call, from torch's FlopCounterMode (matmul/conv/attention ops).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import resource
 import sys
@@ -84,6 +90,23 @@ def _maxrss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def release_free_heap() -> None:
+    """Give freed C-heap memory back to the OS (glibc only) so RSS growth measures new allocations."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)  # a fixed threshold: glibc would otherwise raise it after frees
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl): measure as is
+        pass
+
+
 class PeakMemory:
     """`with PeakMemory(device) as m: ...` then m.peak_bytes: memory growth at the block's peak over its start.
 
@@ -115,6 +138,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline_bytes = torch.cuda.memory_allocated(self.device)
             return self
+        release_free_heap()
         rss = current_rss_bytes()
         if rss is None:
             self.kind = "rss_lifetime"
