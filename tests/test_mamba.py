@@ -14,16 +14,10 @@ import torch.nn.functional as F
 
 from arzoo.nn.mamba import Mamba2, Mamba2State, mamba_kernels
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ATOL = 2e-5
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds barrier waits (very slow on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 CONFIGS = {
     "mvar": dict(d_model=32, d_state=16, headdim=16),  # ngroups 1, 4 heads

@@ -14,8 +14,9 @@ import arzoo
 from arzoo.data import ImageDataModule
 from arzoo.generators import MaskedHierarchicalGenerator
 from arzoo.generators.masked_hierarchical import MASK_BRANCH, default_mask_schedule, lognorm_loss_weights
-from arzoo.tokenizers import MultiScaleVQTokenizer
-from arzoo.tokenizers.checkpoint import save_tokenizer_checkpoint
+from conftest import save_tiny_msvq
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NET = dict(depth=2, n_layers_train=1, embed_dim=32, num_heads=2, warmup_steps=0)
@@ -28,21 +29,10 @@ OFFICIAL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def msvq_path(tmp_path_factory) -> Path:
     """An untrained 16x16 multi-scale VQ tokenizer: 1x1, 2x2, 3x3, 4x4 maps (30 tokens), 32 codes of width 8."""
-    torch.manual_seed(0)
-    tok = MultiScaleVQTokenizer(image_size=16, vocab_size=32, z_channels=8, ch=32, ch_mult=[1, 1, 1],
-                                num_res_blocks=1, patch_nums=[1, 2, 3, 4], codebook_init=0.02)  # fmt: skip
-    return save_tokenizer_checkpoint(tok, tmp_path_factory.mktemp("tok") / "msvq.ckpt")
+    return save_tiny_msvq(tmp_path_factory.mktemp("tok"), [1, 2, 3, 4])
 
 
 def _model(msvq_path: Path, **kwargs) -> MaskedHierarchicalGenerator:

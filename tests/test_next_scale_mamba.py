@@ -17,8 +17,9 @@ from arzoo.data import ImageDataModule
 from arzoo.generators import NextScaleGenerator, generator_config
 from arzoo.generators.next_scale import MVARTransformer
 from arzoo.nn.mvar import MVARBlock
-from arzoo.tokenizers import MultiScaleVQTokenizer
-from arzoo.tokenizers.checkpoint import save_tokenizer_checkpoint
+from conftest import save_tiny_msvq
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 # one block of width 32; a small Mamba2 (2 x 32 / 16 = 4 SSM heads of width 16, 16 states)
@@ -28,22 +29,10 @@ OFFICIAL_PARAMS = {"d16": 464_157_184, "d20": 900_528_736, "d24": 1_550_067_136,
 VAR_VQVAE_SIZES = dict(vocab_size=4096, codebook_dim=32, patch_nums=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds barrier waits (very slow on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def msvq_path(tmp_path_factory) -> Path:
     """An (untrained) 16x16 multi-scale VQ tokenizer checkpoint: 1x1, 2x2, 4x4 maps (21 tokens), 32 codes of width 8."""
-    torch.manual_seed(0)
-    tok = MultiScaleVQTokenizer(image_size=16, vocab_size=32, z_channels=8, ch=32, ch_mult=[1, 1, 1],
-                                num_res_blocks=1, patch_nums=[1, 2, 4], codebook_init=0.02)  # fmt: skip
-    return save_tokenizer_checkpoint(tok, tmp_path_factory.mktemp("tok") / "msvq.ckpt")
+    return save_tiny_msvq(tmp_path_factory.mktemp("tok"), [1, 2, 4])
 
 
 def _perturbed(model: NextScaleGenerator, seed: int = 0) -> NextScaleGenerator:

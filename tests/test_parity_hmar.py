@@ -27,21 +27,12 @@ from arzoo.generators.masked_hierarchical import (
 )
 from arzoo.interop.hmar import hmar_config_from_state_dict, inference_state_dict_from_stages, load_hmar_generator
 from arzoo.tokenizers import MultiScaleVQTokenizer
-from conftest import load_parity
+from conftest import load_parity, parity_msvq_tokenizer
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_thread")]
 
 LOGITS = dict(atol=1e-5, rtol=1e-4)
 LOSS = dict(atol=1e-5, rtol=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds barrier waits on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +42,7 @@ def fixture() -> dict:
 
 @pytest.fixture(scope="module")
 def tokenizer(fixture: dict) -> MultiScaleVQTokenizer:
-    cfg, vq = fixture["config"], fixture["config"]["vq"]
-    patch_nums = list(cfg["patch_nums"])
-    ch_mult = [1] * 3  # downsampling 4; only the quantiser matters here
-    tok = MultiScaleVQTokenizer(
-        image_size=patch_nums[-1] * 2 ** (len(ch_mult) - 1), vocab_size=vq["vocab_size"], z_channels=vq["Cvae"],
-        ch=vq["ch"], ch_mult=ch_mult, num_res_blocks=1, using_znorm=vq["using_znorm"], quant_resi=vq["quant_resi"],
-        share_quant_resi=vq["share_quant_resi"], patch_nums=patch_nums,
-    )  # fmt: skip
-    missing, unexpected = tok.quantize.load_state_dict(fixture["vq_quantizer_state"], strict=False)
-    assert not unexpected and set(missing) <= {"ema_vocab_hit_SV"}, (missing, unexpected)
-    return tok.eval()
+    return parity_msvq_tokenizer(fixture)
 
 
 @pytest.fixture()

@@ -22,24 +22,15 @@ from arzoo.generators.next_scale import MVARTransformer, NextScaleGenerator
 from arzoo.interop.mvar import load_mvar_generator, mamba_kwargs_from_state_dict, mvar_config_from_state_dict
 from arzoo.interop.var import load_var_generator
 from arzoo.tokenizers import MultiScaleVQTokenizer
-from conftest import load_parity
+from conftest import load_parity, parity_msvq_tokenizer
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_thread")]
 
 LOGITS_ATOL, LOGITS_RTOL = 1e-5, 1e-4
 OFFICIAL_KEYS = (
     "num_classes", "depth", "embed_dim", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate", "drop_path_rate",
     "norm_eps", "shared_aln", "cond_drop_rate", "attn_l2_norm", "patch_nums",
 )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds barrier waits (very slow on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +45,7 @@ def _official_config(fixture: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def tokenizer(fixture: dict) -> MultiScaleVQTokenizer:
-    cfg, vq = fixture["config"], fixture["config"]["vq"]
-    patch_nums = list(cfg["patch_nums"])
-    ch_mult = [1] * 3  # downsampling 4: a 16 px image gives the patch_nums[-1] = 4 latent grid
-    tok = MultiScaleVQTokenizer(
-        image_size=patch_nums[-1] * 2 ** (len(ch_mult) - 1), vocab_size=vq["vocab_size"], z_channels=vq["Cvae"],
-        ch=vq["ch"], ch_mult=ch_mult, num_res_blocks=1, using_znorm=vq["using_znorm"], quant_resi=vq["quant_resi"],
-        share_quant_resi=vq["share_quant_resi"], patch_nums=patch_nums,
-    )  # fmt: skip
-    missing, unexpected = tok.quantize.load_state_dict(fixture["vq_quantizer_state"], strict=False)
-    assert not unexpected and set(missing) <= {"ema_vocab_hit_SV"}, (missing, unexpected)
-    return tok.eval()
+    return parity_msvq_tokenizer(fixture)
 
 
 @pytest.fixture()

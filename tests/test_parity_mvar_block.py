@@ -16,19 +16,10 @@ from arzoo.nn.mamba import Mamba2
 from arzoo.nn.mvar import MVARBlock, intra_scale_mask
 from conftest import load_parity
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_thread")]
 
 MAMBA_ATOL = 1e-5
 LOGITS_ATOL, LOGITS_RTOL = 1e-5, 1e-4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds barrier waits (very slow on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ Upstream's `HMAR.generate(label_B, cfg, top_k, top_p, mask=True, mask_schedule)`
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from pathlib import Path
@@ -29,14 +28,14 @@ from typing import Any, Mapping
 
 import torch
 
-from arzoo.checkpoint_io import describe_state_dict_mismatch, extract_state_dict
+from arzoo.checkpoint_io import extract_state_dict
 from arzoo.checkpoint_io import read_checkpoint as load_checkpoint_file
 from arzoo.generators.masked_hierarchical import (
     MaskedHierarchicalGenerator,
     stage1_key_to_inference,
     stage2_key_to_inference,
 )
-from arzoo.interop.var import check_tokenizer_args
+from arzoo.interop.var import build_loaded_generator, check_tokenizer_args
 from arzoo.tokenizers.multiscale_vq import MultiScaleVQTokenizer
 
 __all__ = ["hmar_config_from_state_dict", "inference_state_dict_from_stages", "load_hmar_generator"]
@@ -137,29 +136,9 @@ def load_hmar_generator(
         kwargs["vocab_size"] = state_dict["ns_head.weight"].shape[0]
         kwargs["codebook_dim"] = state_dict["word_embed.weight"].shape[1]
     kwargs.update(overrides)
-    if tokenizer_path is not None:
-        kwargs["tokenizer_path"] = tokenizer_path
-    if tokenizer is not None:
-        kwargs["tokenizer_spec"] = tokenizer.spec()
-    on_meta = tokenizer is None and tokenizer_path is None
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
-        generator = MaskedHierarchicalGenerator(**kwargs)
-    if tokenizer is not None:
-        assert generator.tokenizer is not None
-        generator.tokenizer.load_state_dict(tokenizer.state_dict())
-    if on_meta:  # `.to` too: Lightning's `device` attribute does not follow `to_empty`
-        generator.to_empty(device="cpu").to("cpu")
-    where = str(source) if is_path else "the given mapping"
-    problem = describe_state_dict_mismatch(
-        {k: v.shape for k, v in generator.net.state_dict().items()},
-        state_dict,
-        context=f"checkpoint {where} does not fit HMARTransformer built from {official}",
+    return build_loaded_generator(
+        MaskedHierarchicalGenerator, kwargs, state_dict, source=source, tokenizer=tokenizer,
+        tokenizer_path=tokenizer_path, described=str(official),
         hint="Pass the checkpoint's constructor arguments as config= and a tokenizer with its vocabulary and "
         "codebook width.",
-    )
-    if problem:
-        raise ValueError(problem)
-    generator.net.load_state_dict(state_dict, strict=True, assign=is_path and on_meta)
-    generator.net.float()
-    generator.configure_ema()
-    return generator.eval()
+    )  # fmt: skip

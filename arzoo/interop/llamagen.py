@@ -7,7 +7,9 @@ Sections:
   VQ-16 / VQ-8 presets and `load_vq_tokenizer`.
 * GPT (c2i): `ModelArgs` of `autoregressive/models/gpt.py` -> `RasterTransformer` kwargs, the
   GPT-B ... GPT-3B presets, `load_gpt` and `load_raster_generator` (the network inside a
-  `RasterGenerator`, to sample as upstream's `generate()`).
+  `RasterGenerator`, to sample as upstream's `generate()`). Their building blocks
+  (`load_gpt_weights`, `load_gpt_network`, `build_gpt_generator`) also serve NAR (`arzoo.interop.nar`),
+  whose checkpoints share LlamaGen's layout.
 
 Facts used here are in tests/fixtures/parity/llamagen/SPEC.md (sections 1, 2, 5, 6 and 8).
 """
@@ -19,7 +21,7 @@ import math
 import re
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 
@@ -33,10 +35,13 @@ __all__ = [
     "VQ_8",
     "VQ_16",
     "VQ_PRESETS",
+    "build_gpt_generator",
     "extract_state_dict",
     "gpt_kwargs_from_official",
     "load_checkpoint_file",
     "load_gpt",
+    "load_gpt_network",
+    "load_gpt_weights",
     "load_raster_generator",
     "load_vq_tokenizer",
     "vq_kwargs_from_official",
@@ -217,6 +222,14 @@ _GPT_IGNORED = frozenset({"caption_dim", "max_batch_size", "max_seq_len"})
 _GPT_NON_WEIGHT_KEY = re.compile(
     r"^(layers\.\d+\.attention\.kv_cache\.(k_cache|v_cache)|freqs_cis|causal_mask)$"
 )
+_GPT_HINT = (
+    "Pick the matching preset (GPT-B/L/XL/XXL/3B) and grid_size (16 for 256 px, 24 for 384 px), "
+    "or pass the checkpoint's config, e.g. **gpt_kwargs_from_official(model_args)."
+)
+# The network a loader builds (RasterTransformer or a subclass, e.g. NAR's NeighborTransformer).
+_Net = TypeVar("_Net", bound=RasterTransformer)
+# The generator a loader builds (RasterGenerator or a subclass, e.g. NAR's NextNeighborGenerator).
+_Gen = TypeVar("_Gen", bound=RasterGenerator)
 
 
 def gpt_kwargs_from_official(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -279,43 +292,37 @@ def load_gpt(
         config = {**_GPT_RELEASED, **GPT_PRESETS[preset], **kwargs}
     else:
         config = dict(kwargs)
-    required = ("dim", "n_layer", "n_head", "vocab_size", "num_classes", "grid_size")
-    missing = [name for name in required if name not in config]
-    if missing:
-        raise ValueError(
-            f"load_gpt needs the architecture: missing {missing}; pass preset= one of {list(GPT_PRESETS)} "
-            "or the RasterTransformer keyword arguments"
-        )
-    # Built on the meta device (no init cost for billions of parameters).
-    with torch.device("meta"):
-        model = RasterTransformer(**config)
-    if preset is None:
-        described = f"kwargs {kwargs}"
-    else:
-        described = f"preset {preset!r}" + (f" with overrides {kwargs}" if kwargs else "")
-    return _load_gpt_weights(model, source, described).eval()
+    return load_gpt_network(
+        RasterTransformer, config, source, preset=preset, overrides=kwargs, presets=GPT_PRESETS, loader="load_gpt"
+    )
 
 
-def _load_gpt_weights(
-    model: RasterTransformer, source: str | Path | Mapping[str, Any], described: str
-) -> RasterTransformer:
+def load_gpt_weights(
+    model: _Net,
+    source: str | Path | Mapping[str, Any],
+    described: str,
+    *,
+    what: str = "LlamaGen GPT checkpoint",
+    non_weight: re.Pattern[str] = _GPT_NON_WEIGHT_KEY,
+    hint: str = _GPT_HINT,
+) -> _Net:
     """Load an official GPT checkpoint (see `load_gpt`) into `model` strictly; parameters float32.
 
     A file's tensors are assigned (no copy); a caller's mapping is copied, so the model never
     aliases it (a model still on the meta device is first allocated on the CPU for that). The RoPE
-    table is built on the CPU regardless.
+    table is built on the CPU regardless. NAR's checkpoints share the layout, so `nar.py` loads with
+    its own `what` (names the file in errors), `non_weight` (keys to drop) and `hint`.
     """
     is_path = isinstance(source, (str, Path))
-    raw = load_checkpoint_file(source, "LlamaGen GPT checkpoint") if is_path else source
+    raw = load_checkpoint_file(source, what) if is_path else source
     where = str(source) if is_path else "the given mapping"
-    state_dict = {k: v for k, v in extract_state_dict(raw).items() if not _GPT_NON_WEIGHT_KEY.match(k)}
+    state_dict = {k: v for k, v in extract_state_dict(raw).items() if not non_weight.match(k)}
     expected = {k: v.shape for k, v in model.state_dict().items()}
     problem = describe_state_dict_mismatch(
         expected,
         state_dict,
-        context=f"checkpoint {where} does not fit RasterTransformer built from {described}",
-        hint="Pick the matching preset (GPT-B/L/XL/XXL/3B) and grid_size (16 for 256 px, 24 for 384 px), "
-        "or pass the checkpoint's config, e.g. **gpt_kwargs_from_official(model_args).",
+        context=f"checkpoint {where} does not fit {type(model).__name__} built from {described}",
+        hint=hint,
     )
     if problem:
         raise ValueError(problem)
@@ -323,6 +330,39 @@ def _load_gpt_weights(
         model.to_empty(device="cpu")
     model.load_state_dict(state_dict, strict=True, assign=is_path)
     return model.float()
+
+
+def load_gpt_network(
+    net_cls: type[_Net],
+    config: Mapping[str, Any],
+    source: str | Path | Mapping[str, Any],
+    *,
+    preset: str | None,
+    overrides: Mapping[str, Any],
+    presets: Mapping[str, Any],
+    loader: str,
+    load_weights: Callable[[_Net, str | Path | Mapping[str, Any], str], _Net] = load_gpt_weights,
+) -> _Net:
+    """`net_cls(**config)` (eval mode) with the official weights of `source` (for `load_gpt` and NAR's `load_nar`).
+
+    `preset`, `overrides`, `presets` and `loader` (the public function's name) only word the errors;
+    `load_weights` loads strictly (default: LlamaGen's `load_gpt_weights`).
+    """
+    required = ("dim", "n_layer", "n_head", "vocab_size", "num_classes", "grid_size")
+    missing = [name for name in required if name not in config]
+    if missing:
+        raise ValueError(
+            f"{loader} needs the architecture: missing {missing}; pass preset= one of {list(presets)} "
+            f"or the {net_cls.__name__} keyword arguments"
+        )
+    # Built on the meta device (no init cost for billions of parameters).
+    with torch.device("meta"):
+        model = net_cls(**config)
+    if preset is None:
+        described = f"kwargs {overrides}"
+    else:
+        described = f"preset {preset!r}" + (f" with overrides {overrides}" if overrides else "")
+    return load_weights(model, source, described).eval()
 
 
 def load_raster_generator(
@@ -355,7 +395,27 @@ def load_raster_generator(
         raise ValueError(f"unknown LlamaGen GPT preset {preset!r}; choose one of {list(GPT_PRESETS)}")
     official = config if config is not None else GPT_PRESETS[preset] if preset is not None else None
     kwargs = gpt_kwargs_from_official(official) if official is not None else {}
-    # RasterGenerator initialises with upstream's fixed std 0.02; irrelevant once weights are loaded.
+    return build_gpt_generator(
+        RasterGenerator, kwargs, source,
+        config=config, preset=preset, tokenizer_path=tokenizer_path, overrides=overrides,
+    )  # fmt: skip
+
+
+def build_gpt_generator(
+    generator_cls: type[_Gen],
+    kwargs: Mapping[str, Any],
+    source: str | Path | Mapping[str, Any] | None,
+    *,
+    config: Mapping[str, Any] | None,
+    preset: str | None,
+    tokenizer_path: str | None,
+    overrides: Mapping[str, Any],
+    load_weights: Callable[[Any, str | Path | Mapping[str, Any], str], Any] = load_gpt_weights,
+) -> _Gen:
+    """`generator_cls(**kwargs, **overrides)` (eval mode) with `source` loaded strictly into `.net` (shared by
+    `load_raster_generator` and NAR's `load_next_neighbor_generator`; `config` and `preset` only word the errors)."""
+    kwargs = dict(kwargs)
+    # The generators initialise with upstream's fixed std 0.02; irrelevant once weights are loaded.
     init_std = kwargs.pop("initializer_range", 0.02)
     if source is None and init_std != 0.02:
         raise ValueError(f"initializer_range={init_std} is not supported for a fresh network (0.02 only)")
@@ -365,12 +425,12 @@ def load_raster_generator(
     # On the meta device (no init cost) unless a tokenizer must really be loaded or no weights follow.
     on_meta = source is not None and tokenizer_path is None
     with torch.device("meta") if on_meta else contextlib.nullcontext():
-        generator = RasterGenerator(**kwargs)
+        generator = generator_cls(**kwargs)
     if source is not None:
         if on_meta:  # `.to` too: Lightning's `device` attribute does not follow `to_empty`
             generator.to_empty(device="cpu").to("cpu")
         described = f"preset {preset!r}" if preset is not None else f"config {dict(config or {})}"
         described += f" with overrides {overrides}" if overrides else ""
-        _load_gpt_weights(generator.net, source, described)
+        load_weights(generator.net, source, described)
         generator.configure_ema()  # an EMA copy (ema_decay > 0) starts from the loaded weights
     return generator.eval()

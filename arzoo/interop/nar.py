@@ -3,25 +3,23 @@
 NAR is a fork of LlamaGen: its `ModelArgs` is LlamaGen's plus `medusa_attention_num` (arzoo's
 `extra_layers`), its state dict LlamaGen's with `n_layer + medusa_attention_num` blocks plus
 `medusa_norm.weight` and `medusa_output.weight`, and its checkpoint files are written by the same
-training script. So the key mapping is the identity; what this module adds is the config mapping,
-the presets (LlamaGen's plus GPT-M) and the strict loading into `NeighborTransformer` /
-`NextNeighborGenerator`. The tokenizer is LlamaGen's VQ (`arzoo.interop.llamagen.load_vq_tokenizer`).
+training script. So the key mapping is the identity and the reading, key cleanup and strict loading
+are LlamaGen's (`load_gpt_weights`, `load_gpt_network`, `build_gpt_generator`); what this module adds
+is the config mapping, the presets (LlamaGen's plus GPT-M) and the NAR-specific keys, hint and
+classes (`NeighborTransformer` / `NextNeighborGenerator`). The tokenizer is LlamaGen's VQ
+(`arzoo.interop.llamagen.load_vq_tokenizer`).
 Facts: tests/fixtures/parity/nar/SPEC.md sections 1, 2 and 6.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-import torch
-
-from arzoo.checkpoint_io import describe_state_dict_mismatch, extract_state_dict, read_checkpoint
 from arzoo.generators.next_neighbor import NeighborTransformer, NextNeighborGenerator
-from arzoo.interop.llamagen import gpt_kwargs_from_official
+from arzoo.interop.llamagen import build_gpt_generator, gpt_kwargs_from_official, load_gpt_network, load_gpt_weights
 
 __all__ = ["NAR_PRESETS", "load_nar", "load_next_neighbor_generator", "nar_kwargs_from_official"]
 
@@ -44,6 +42,10 @@ _RELEASED = MappingProxyType(dict(vocab_size=16384, num_classes=1000, grid_size=
 # KV caches of a model saved after generation, the RoPE table and the masks, should a file carry them.
 _NON_WEIGHT_KEY = re.compile(
     r"^(layers\.\d+\.attention\.kv_cache\.(k_cache|v_cache)|freqs_cis|causal_mask|proximity_mask)$"
+)
+_HINT = (
+    "Pick the matching preset (GPT-B/M/L/XL/XXL) and grid_size (16 for 256 px, 24 for 384 px), "
+    "or pass the checkpoint's config, e.g. **nar_kwargs_from_official(model_args)."
 )
 
 
@@ -80,44 +82,17 @@ def load_nar(
     overridden by `kwargs` (NeighborTransformer keyword arguments, e.g.
     `**nar_kwargs_from_official(model_args)`). Parameters are float32.
     """
-    config = _architecture(preset, kwargs)
-    required = ("dim", "n_layer", "n_head", "vocab_size", "num_classes", "grid_size")
-    missing = [name for name in required if name not in config]
-    if missing:
-        raise ValueError(
-            f"load_nar needs the architecture: missing {missing}; pass preset= one of {list(NAR_PRESETS)} "
-            "or the NeighborTransformer keyword arguments"
-        )
-    with torch.device("meta"):  # no init cost for billions of parameters
-        model = NeighborTransformer(**config)
-    described = f"preset {preset!r}" if preset is not None else f"kwargs {kwargs}"
-    if preset is not None and kwargs:
-        described += f" with overrides {kwargs}"
-    return _load_weights(model, source, described).eval()
+    return load_gpt_network(
+        NeighborTransformer, _architecture(preset, kwargs), source,
+        preset=preset, overrides=kwargs, presets=NAR_PRESETS, loader="load_nar", load_weights=_load_weights,
+    )  # fmt: skip
 
 
 def _load_weights(
     model: NeighborTransformer, source: str | Path | Mapping[str, Any], described: str
 ) -> NeighborTransformer:
     """Load an official NAR checkpoint into `model` strictly; a caller's mapping is copied, never aliased."""
-    is_path = isinstance(source, (str, Path))
-    raw = read_checkpoint(source, "NAR checkpoint") if is_path else source
-    where = str(source) if is_path else "the given mapping"
-    state_dict = {k: v for k, v in extract_state_dict(raw).items() if not _NON_WEIGHT_KEY.match(k)}
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    problem = describe_state_dict_mismatch(
-        expected,
-        state_dict,
-        context=f"checkpoint {where} does not fit NeighborTransformer built from {described}",
-        hint="Pick the matching preset (GPT-B/M/L/XL/XXL) and grid_size (16 for 256 px, 24 for 384 px), "
-        "or pass the checkpoint's config, e.g. **nar_kwargs_from_official(model_args).",
-    )
-    if problem:
-        raise ValueError(problem)
-    if not is_path and model.tok_embeddings.weight.is_meta:
-        model.to_empty(device="cpu")
-    model.load_state_dict(state_dict, strict=True, assign=is_path)
-    return model.float()
+    return load_gpt_weights(model, source, described, what="NAR checkpoint", non_weight=_NON_WEIGHT_KEY, hint=_HINT)
 
 
 def load_next_neighbor_generator(
@@ -145,20 +120,7 @@ def load_next_neighbor_generator(
         kwargs = nar_kwargs_from_official(config)
     else:
         kwargs = _architecture(preset, {}) if preset is not None else {}
-    init_std = kwargs.pop("initializer_range", 0.02)
-    if source is None and init_std != 0.02:
-        raise ValueError(f"initializer_range={init_std} is not supported for a fresh network (0.02 only)")
-    kwargs = {**kwargs, **overrides}
-    if tokenizer_path is not None:
-        kwargs["tokenizer_path"] = tokenizer_path
-    on_meta = source is not None and tokenizer_path is None
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
-        generator = NextNeighborGenerator(**kwargs)
-    if source is not None:
-        if on_meta:  # `.to` too: Lightning's `device` attribute does not follow `to_empty`
-            generator.to_empty(device="cpu").to("cpu")
-        described = f"preset {preset!r}" if preset is not None else f"config {dict(config or {})}"
-        described += f" with overrides {overrides}" if overrides else ""
-        _load_weights(generator.net, source, described)
-        generator.configure_ema()  # an EMA copy (ema_decay > 0) starts from the loaded weights
-    return generator.eval()
+    return build_gpt_generator(
+        NextNeighborGenerator, kwargs, source,
+        config=config, preset=preset, tokenizer_path=tokenizer_path, overrides=overrides, load_weights=_load_weights,
+    )  # fmt: skip

@@ -20,7 +20,7 @@ import math
 import re
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 import torch
 
@@ -31,6 +31,7 @@ from arzoo.tokenizers.multiscale_vq import MultiScaleVQTokenizer
 
 __all__ = [
     "VAR_VQVAE_256",
+    "build_loaded_generator",
     "build_next_scale_generator",
     "check_tokenizer_args",
     "extract_state_dict",
@@ -344,6 +345,8 @@ def load_var_generator(
 
 
 _MAMBA_KEY = "blocks.0.mamba.in_proj.weight"
+# The generator a loader builds: NextScaleGenerator here, MaskedHierarchicalGenerator for HMAR.
+_Gen = TypeVar("_Gen", bound=NextScaleGenerator)
 
 
 def check_tokenizer_args(tokenizer: MultiScaleVQTokenizer | None, tokenizer_path: str | None) -> None:
@@ -368,8 +371,6 @@ def build_next_scale_generator(
     (loaded strictly into `generator.net`), with the tokenizer of `load_var_generator` (shared by
     the VAR and M-VAR loaders; `source` and `official` only word the errors)."""
     check_tokenizer_args(tokenizer, tokenizer_path)
-    is_path = isinstance(source, (str, Path))
-    where = str(source) if is_path else "the given mapping"
     kwargs = dict(kwargs)
     if tokenizer_path is None and tokenizer is None:
         # Without a tokenizer the codebook sizes come from the checkpoint (head rows, word_embed columns).
@@ -377,6 +378,32 @@ def build_next_scale_generator(
             kwargs["vocab_size"] = state_dict["head.weight"].shape[0]
             kwargs["codebook_dim"] = state_dict["word_embed.weight"].shape[1]
     kwargs.update(overrides)
+    described = f"config {dict(official)}" + (f" with overrides {dict(overrides)}" if overrides else "")
+    return build_loaded_generator(
+        NextScaleGenerator, kwargs, state_dict, source=source, tokenizer=tokenizer, tokenizer_path=tokenizer_path,
+        described=described,
+        hint="Pass the checkpoint's constructor arguments as config= (depth, embed_dim, num_heads, patch_nums, "
+        "attn_l2_norm, shared_aln), and a tokenizer with its vocabulary and codebook width.",
+    )  # fmt: skip
+
+
+def build_loaded_generator(
+    generator_cls: type[_Gen],
+    kwargs: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str | Path | Mapping[str, Any],
+    tokenizer: MultiScaleVQTokenizer | None,
+    tokenizer_path: str | None,
+    described: str,
+    hint: str,
+) -> _Gen:
+    """A `generator_cls(**kwargs)` (eval mode) with the tokenizer (path, object or none) and the official
+    `state_dict` loaded strictly into `generator.net` (shared by the VAR, M-VAR and HMAR loaders;
+    `source`, `described` and `hint` only word the errors)."""
+    is_path = isinstance(source, (str, Path))
+    where = str(source) if is_path else "the given mapping"
+    kwargs = dict(kwargs)
     if tokenizer_path is not None:
         kwargs["tokenizer_path"] = tokenizer_path
     if tokenizer is not None:
@@ -384,20 +411,18 @@ def build_next_scale_generator(
     # On the meta device (no init cost) unless a tokenizer must really be built.
     on_meta = tokenizer_path is None and tokenizer is None
     with torch.device("meta") if on_meta else contextlib.nullcontext():
-        generator = NextScaleGenerator(**kwargs)
+        generator = generator_cls(**kwargs)
     if tokenizer is not None:
         assert generator.tokenizer is not None
         generator.tokenizer.load_state_dict(tokenizer.state_dict())
     if on_meta:  # `.to` too: Lightning's `device` attribute does not follow `to_empty`
         generator.to_empty(device="cpu").to("cpu")
     expected = {k: v.shape for k, v in generator.net.state_dict().items()}
-    described = f"config {dict(official)}" + (f" with overrides {dict(overrides)}" if overrides else "")
     problem = describe_state_dict_mismatch(
         expected,
         state_dict,
         context=f"checkpoint {where} does not fit {type(generator.net).__name__} built from {described}",
-        hint="Pass the checkpoint's constructor arguments as config= (depth, embed_dim, num_heads, patch_nums, "
-        "attn_l2_norm, shared_aln), and a tokenizer with its vocabulary and codebook width.",
+        hint=hint,
     )
     if problem:
         raise ValueError(problem)
