@@ -7,7 +7,9 @@ A bottom-layer module (imports only torch and the standard library), shared by t
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
+import uuid
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import torch
 __all__ = [
     "STATE_DICT_KEYS",
     "WRAPPER_PREFIXES",
+    "atomic_torch_save",
     "describe_state_dict_mismatch",
     "extract_state_dict",
     "read_checkpoint",
@@ -55,6 +58,42 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
             f"{what} {str(path)!r} could not be read: it is not a readable torch checkpoint "
             f"(torch.load with weights_only=True failed: {type(err).__name__}: {first_line}).{hint}"
         ) from err
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """`torch.save(obj, path)` that never leaves a partial file: an interrupted save keeps the old one.
+
+    Writes a uniquely named temporary file in the target folder (same file system, so `os.replace`
+    is atomic), flushes it to disk, moves it into place and syncs the folder entry. Returns the path.
+    """
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())  # the data is on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename (best effort: some platforms cannot open folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _is_state_dict(obj: Any) -> bool:

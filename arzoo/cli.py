@@ -9,13 +9,42 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
+
 import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 
 class ArzooTrainer(L.Trainer):
-    """Lightning's Trainer; arzoo's extra subcommands become methods here (their signature = their options)."""
+    """Lightning's Trainer; arzoo's extra subcommands become methods here (their signature = their options).
+
+    Every run also gets arzoo's safety defaults: `AtomicCheckpointIO` (crash-safe, pickle-free
+    checkpoints) unless a CheckpointIO is given, and the `NonFiniteGuard` / `RNGResumeState`
+    callbacks (see arzoo/callbacks.py) unless callbacks of those classes are already configured.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from arzoo.callbacks import default_callbacks
+
+        callbacks = kwargs.get("callbacks")
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        have = {type(c) for c in callbacks}
+        kwargs["callbacks"] = callbacks + [c for c in default_callbacks() if type(c) not in have]
+        kwargs["plugins"] = _with_atomic_checkpoint_io(kwargs.get("plugins"), kwargs.get("strategy"))
+        super().__init__(*args, **kwargs)
+
+
+def _with_atomic_checkpoint_io(plugins: Any, strategy: Any) -> Any:
+    """`plugins` plus an AtomicCheckpointIO, unless a CheckpointIO is already set (in plugins or the strategy)."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    from arzoo.checkpoint_plugin import AtomicCheckpointIO
+
+    listed = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if any(isinstance(p, CheckpointIO) for p in listed) or getattr(strategy, "_checkpoint_io", None) is not None:
+        return plugins
+    return [*listed, AtomicCheckpointIO()]
 
 
 class ArzooCLI(LightningCLI):

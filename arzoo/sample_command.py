@@ -42,6 +42,8 @@ def sample(
 
     if labels is None and num <= 0:
         raise ValueError(f"num must be a positive number of images, got {num}")
+    if labels is not None and len(labels) == 0:
+        raise ValueError("labels must list at least one class id (e.g. --labels '[3, 7]'), got []")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     model = BaseGenerator.load_from_checkpoint(ckpt_path).to(device).eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import lightning as L
@@ -11,6 +12,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 
 from arzoo.data.datasets import ImageDataset, TensorImageDataset, collate_images, pil_to_tensor
+from arzoo.data.sampler import ResumableRandomSampler
+from arzoo.data.token_cache import TokenCacheDataset, collate_tokens
 from arzoo.data.sources import find_columns, load_digits_arrays, load_folder, load_hub, parse_source, seeded_split
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,11 @@ class ImageDataModule(L.LightningDataModule):
 
     Batches are dicts: `image` (B, 3, S, S) float, `label` (B,) int64 (-1 when the source has
     no labels). Unreadable images are skipped; each is reported once and counted in `num_skipped`.
+
+    `streaming: true` reads an `hf:` / `folder:` source as a stream, shuffled in a buffer and split
+    across ranks (see `arzoo.data.streaming`; under DDP cap training with `trainer.max_steps`).
+    `token_cache: <dir>` trains on the tokens `arzoo tokenize` wrote for this recipe: training
+    batches then carry `tokens` (B, N) instead of `image`; validation still reads images.
     """
 
     def __init__(
@@ -36,9 +44,15 @@ class ImageDataModule(L.LightningDataModule):
         split_seed: int = 0,
         train_split: str = "train",
         val_split: str | None = None,
+        streaming: bool = False,
+        token_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.spec = parse_source(source)  # fail at construction, not after the model is built
+        if streaming and self.spec.kind == "digits":
+            raise ValueError(
+                "streaming: true needs an 'hf:<name>' or 'folder:<path>' source; 'digits' is held in memory"
+            )
         if image_size <= 0:
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         if batch_size <= 0:
@@ -53,11 +67,15 @@ class ImageDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.train_split = train_split
         self.val_split = val_split
+        self.streaming = streaming
+        self.token_cache = token_cache
         self.num_classes = 0
         self.class_names: list[str] = []
         self.train_set: torch.utils.data.Dataset | None = None
         self.val_set: torch.utils.data.Dataset | None = None
         self.skipped: set[str] = set()
+        self._train_sampler: ResumableRandomSampler | None = None
+        self._resume: dict[str, int] | None = None  # data position from a checkpoint, used once
 
     @property
     def num_skipped(self) -> int:
@@ -70,9 +88,35 @@ class ImageDataModule(L.LightningDataModule):
             return
         if self.spec.kind == "digits":
             self._setup_digits()
+        elif self.streaming:
+            self._setup_streaming()
         else:
             table = load_folder(self.spec.target) if self.spec.kind == "folder" else load_hub(self.spec.target)
             self._setup_table(table)
+        if self.token_cache is not None:
+            self._setup_token_cache()
+
+    def _setup_token_cache(self) -> None:
+        """Train on the cached tokens of `arzoo tokenize`; validation stays on images."""
+        from arzoo.data.token_cache import TokenCacheDataset, check_cache_matches, check_tokenizer
+
+        cache = TokenCacheDataset(self.token_cache, hflip=self.hflip)
+        check_cache_matches(cache.meta, self.token_cache, source=self.source, image_size=self.image_size)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        check_tokenizer(cache.meta, self.token_cache, getattr(module, "tokenizer", None))
+        self.train_set = cache
+
+    def _setup_streaming(self) -> None:
+        """`hf:` / `folder:` data read as a stream, shuffled in a buffer and split across the ranks."""
+        from arzoo.data.streaming import load_streaming
+
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.train_set, self.val_set, self.class_names = load_streaming(self, rank=rank, world_size=world)
+        if world > 1 and getattr(trainer, "max_steps", -1) in (-1, None):
+            rank_zero_warn("streamed data under several ranks: set trainer.max_steps, or a rank that gets fewer "
+                           "batches ends its epoch first and the others wait for it forever")
+        self.num_classes = len(self.class_names)
 
     def _setup_digits(self) -> None:
         from PIL import Image
@@ -114,15 +158,45 @@ class ImageDataModule(L.LightningDataModule):
         if dataset is None:
             self.setup()
             return self._loader(self.train_set if shuffle else self.val_set, shuffle)
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)  # streaming: shuffles and splits itself
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > self.batch_size,
+            # a seeded sampler instead of shuffle=True: a resumed fit continues the same order mid-epoch
+            sampler=self._make_train_sampler(len(dataset)) if shuffle and not iterable else None,
+            drop_last=shuffle and (iterable or len(dataset) > self.batch_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate_images,
+            collate_fn=collate_tokens if isinstance(dataset, TokenCacheDataset) else collate_images,
         )
+
+    def _make_train_sampler(self, num_samples: int) -> ResumableRandomSampler:
+        resume, self._resume = self._resume, None
+        # torch.initial_seed() is seed_everything's seed: the order follows the run's seed without using its RNG
+        sampler = ResumableRandomSampler(num_samples, seed=resume["seed"] if resume else torch.initial_seed())
+        if resume:
+            sampler.resume_at(resume["epoch"], resume["samples_done"])
+        self._train_sampler = sampler
+        return sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position (seed, epoch, samples done), saved in checkpoints for resuming."""
+        trainer, sampler = self.trainer, self._train_sampler
+        if trainer is None or sampler is None or trainer.world_size > 1:  # DDP splits the order again per rank
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        epoch = trainer.current_epoch
+        if batches >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts afresh
+            epoch, batches = epoch + 1, 0
+        return {"seed": sampler.seed, "epoch": epoch, "samples_done": batches * self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training order where the checkpoint left it (next `train_dataloader()`)."""
+        if {"seed", "epoch", "samples_done"} <= set(state_dict):
+            self._resume = {k: int(state_dict[k]) for k in ("seed", "epoch", "samples_done")}
+            # Lightning warns that a mid-epoch resume repeats data unless the DataLoader itself is
+            # stateful; the sampler above does continue the order, so the warning does not apply
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -146,4 +220,5 @@ class ImageDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         if self.skipped:
-            log.warning("%d unreadable image(s) were skipped during %s", self.num_skipped, stage)
+            # `stage` is a TrainerFn (a str enum): its value reads "fit", not "TrainerFn.FITTING"
+            log.warning("%d unreadable image(s) were skipped during %s", self.num_skipped, getattr(stage, "value", stage))

@@ -16,9 +16,24 @@ from PIL import Image
 NO_LABEL = -1
 
 
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB mode; 16/32-bit greyscale is scaled down to 8 bits first (PIL's own
+    conversion clips it, which turns most 16-bit pictures white)."""
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max(initial=0.0)
+        if peak > 255:
+            array = array / (257.0 if peak <= 65535 else peak / 255.0)
+        image = Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8))  # mode L
+    return image.convert("RGB")
+
+
 def pil_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
     """RGB, shorter side resized to `image_size` (bicubic), centre crop, to (3, S, S) in [-1, 1]."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     scale = image_size / min(w, h)
     new_w, new_h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
@@ -70,17 +85,24 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.table)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.table[index]
-        ref = row[self.image_column]
-        name = ref.get("path") or f"row {index}"
-        try:
-            image = Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref["path"])
-            image.load()
-            tensor = pil_to_tensor(image, self.image_size)
-        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            return {"skipped": f"{name} ({type(err).__name__}: {err})"}
-        label = row[self.label_column] if self.label_column else NO_LABEL
-        return {"image": maybe_flip(tensor, self.hflip), "label": int(label)}
+        return decode_row(self.table[index], self.image_column, self.label_column, self.image_size, self.hflip,
+                          f"row {index}")
+
+
+def decode_row(
+    row: dict[str, Any], image_column: str, label_column: str | None, image_size: int, hflip: bool, where: str
+) -> dict[str, Any]:
+    """One undecoded table row -> `{"image", "label"}`, or `{"skipped": name (why)}` when it cannot be read."""
+    ref = row[image_column]
+    name = ref.get("path") or where
+    try:
+        image = Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref["path"])
+        image.load()
+        tensor = pil_to_tensor(image, image_size)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return {"skipped": f"{name} ({type(err).__name__}: {err})"}
+    label = row[label_column] if label_column else NO_LABEL
+    return {"image": maybe_flip(tensor, hflip), "label": int(label)}
 
 
 def collate_images(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

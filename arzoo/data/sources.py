@@ -72,8 +72,8 @@ def find_columns(features: Any) -> tuple[str, str | None]:
     return image_col, label_col
 
 
-def load_folder(path: str) -> "Any":
-    """A local image folder (class = sub-folder) through `datasets`' imagefolder builder."""
+def load_folder(path: str, streaming: bool = False) -> "Any":
+    """A local image folder (class = sub-folder) through `datasets`' imagefolder builder (optionally streamed)."""
     import datasets
 
     root = Path(path).expanduser()
@@ -84,15 +84,15 @@ def load_folder(path: str) -> "Any":
             f"image folder {str(root)!r} contains no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))} "
             f"files, in sub-folders per class)"
         )
-    return datasets.load_dataset("imagefolder", data_dir=str(root))
+    return datasets.load_dataset("imagefolder", data_dir=str(root), streaming=streaming)
 
 
-def load_hub(name: str) -> "Any":
-    """A dataset from the HF hub (or the local HF cache when offline)."""
+def load_hub(name: str, streaming: bool = False) -> "Any":
+    """A dataset from the HF hub (or the local HF cache when offline), optionally streamed."""
     import datasets
 
     try:
-        return datasets.load_dataset(name)
+        return datasets.load_dataset(name, streaming=streaming)
     except Exception as err:  # the hub raises many types: connection, missing repo, offline mode
         raise RuntimeError(
             f"could not load HF dataset {name!r} ({type(err).__name__}: {err}). It needs network access to "

@@ -89,6 +89,9 @@ class BaseGenerator(L.LightningModule):
         self._schedule: list[torch.Tensor] | None = None
         self._mask: torch.Tensor | None = None
         self.register_buffer("train_token_counts", torch.zeros(0), persistent=False)
+        # each rank counts its own batches (summed for the baseline in `_gather_token_counts`); DDP
+        # would otherwise overwrite them with rank 0's counts on every forward (buffer broadcast)
+        self._ddp_params_and_buffers_to_ignore = ["train_token_counts"]
 
     # ---- tokenizer -------------------------------------------------------------------------------
 
@@ -280,24 +283,38 @@ class BaseGenerator(L.LightningModule):
         """Mean cross-entropy over all predicted positions."""
         return F.cross_entropy(logits_BNV.reshape(-1, logits_BNV.shape[-1]).float(), targets_BN.reshape(-1))
 
+    def batch_tokens(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Flat tokens (B, N) of a batch: read from a token cache (`tokens`), else encoded from `image`."""
+        if "tokens" in batch:  # `arzoo tokenize` already ran the frozen tokenizer
+            tokens = batch["tokens"].to(self.device, torch.long)
+            if tokens.ndim != 2 or tokens.shape[1] != self.num_tokens:
+                raise ValueError(
+                    f"the token cache holds {tuple(tokens.shape[1:])} tokens per image, but {type(self).__name__} "
+                    f"predicts {self.num_tokens} (grids {list(self.scales)}); re-run `arzoo tokenize` with this recipe"
+                )
+            return tokens
+        return self.tokenize(batch["image"])
+
     def _shared_step(self, batch: dict[str, Any], split: str) -> torch.Tensor | None:
-        images, labels = batch["image"], batch["label"]
-        if len(images) == 0:
+        labels = batch["label"]
+        if len(labels) == 0:
             return None
         if (labels < 0).any():
             raise ValueError(
                 "the data has no class labels (label -1) but this generator is class-conditional; "
                 "use a labelled source (digits, or a folder with one sub-folder per class)"
             )
-        tokens = self.tokenize(images)
+        tokens = self.batch_tokens(batch)
         logits = self.teacher_forcing(tokens, self.drop_labels(self.check_labels(labels)))
         targets = tokens[:, self.prediction_order.to(tokens.device)]
         loss = self.token_loss(logits, targets)
-        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(images))
+        # evaluation metrics are averaged over the ranks (once per epoch); training logs stay per rank
+        sync = split != "train"
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(labels), sync_dist=sync)
         if split == "train":
             self._count_tokens(tokens)
         elif self.train_token_counts.numel():
-            self.log(f"{split}/unigram_loss", self._unigram_loss(tokens), batch_size=len(images))
+            self.log(f"{split}/unigram_loss", self._unigram_loss(tokens), batch_size=len(labels), sync_dist=sync)
         return loss
 
     def _count_tokens(self, tokens_BN: torch.Tensor) -> None:
@@ -306,9 +323,24 @@ class BaseGenerator(L.LightningModule):
             self.train_token_counts = torch.zeros_like(counts)
         self.train_token_counts += counts
 
+    def _gather_token_counts(self) -> None:
+        """Sum the ranks' training-token counts for the baseline (each rank counted only its own batches)."""
+        self._all_token_counts = self.train_token_counts
+        if self._trainer is not None and self.trainer.world_size > 1 and self.train_token_counts.numel():
+            self._all_token_counts = self.trainer.strategy.reduce(self.train_token_counts.clone(), reduce_op="sum")
+
+    def on_validation_epoch_start(self) -> None:
+        self._gather_token_counts()
+
+    def on_test_epoch_start(self) -> None:
+        self._gather_token_counts()
+
     def _unigram_loss(self, tokens_BN: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of a model that predicts the (add-one smoothed) training-token frequencies."""
-        probs = (self.train_token_counts + 1) / (self.train_token_counts.sum() + self.vocab_size)
+        counts = getattr(self, "_all_token_counts", None)
+        if counts is None or counts.numel() != self.train_token_counts.numel():
+            counts = self.train_token_counts  # called outside a validation/test epoch
+        probs = (counts + 1) / (counts.sum() + self.vocab_size)
         return -probs.log()[tokens_BN.reshape(-1)].mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -328,7 +360,10 @@ class BaseGenerator(L.LightningModule):
             self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(self.hparams.ema_decay))
             self.ema.requires_grad_(False)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update: both happen before callbacks (ModelCheckpoint) see
+        the batch end, so a checkpoint holds the EMA of exactly the steps taken (exact resume)."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update_parameters(self.net)
 
@@ -422,7 +457,20 @@ class BaseGenerator(L.LightningModule):
 
     def run_dir(self) -> Path:
         """The folder this run writes into (the logger's version folder, else the trainer's root)."""
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        # not `trainer.log_dir`: it broadcasts from rank 0, so rank-0-only callers would hang under DDP
+        logger = self.trainer.logger
+        path = (getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)) if logger else None
+        return Path(path or self.trainer.default_root_dir)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, map_location: Any = "cpu") -> "BaseGenerator":
+        """Load a folder written by `arzoo export` (safetensors + JSON, no pickle); returns the concrete class."""
+        from arzoo.pretrained import from_pretrained
+
+        model = from_pretrained(folder, map_location=map_location)
+        if not isinstance(model, cls):
+            raise TypeError(f"{str(folder)!r} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any) -> "BaseGenerator":
@@ -430,6 +478,11 @@ class BaseGenerator(L.LightningModule):
         ckpt = read_checkpoint(checkpoint_path, "generator checkpoint")
         target = cls
         class_path = ckpt.get(CLASS_KEY) or (ckpt.get("hyper_parameters") or {}).get("_class_path")
+        if isinstance((ckpt.get("hyper_parameters") or {}).get("tokenizer"), dict) and ckpt.get(CLASS_KEY) is None:
+            raise ValueError(
+                f"{str(checkpoint_path)!r} is a tokenizer checkpoint, but a generator checkpoint is needed here "
+                f"(e.g. runs/digits/raster/last.ckpt); a tokenizer checkpoint goes in a generator's tokenizer_path"
+            )
         if class_path is None:
             raise ValueError(f"{str(checkpoint_path)!r} is not an arzoo generator checkpoint (no {CLASS_KEY!r} entry)")
         module_name, _, name = str(class_path).rpartition(".")

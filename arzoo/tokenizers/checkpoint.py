@@ -28,6 +28,11 @@ def load_tokenizer(path: str | Path, expected: type[Tokenizer] | None = None) ->
             f"tokenizer checkpoint {str(path)!r} holds a {type(ckpt).__name__}, expected a checkpoint dict"
         )
     spec = (ckpt.get("hyper_parameters") or {}).get("tokenizer")
+    if "arzoo_generator_class" in ckpt:  # BaseGenerator's CLASS_KEY (tokenizers never import generators)
+        raise ValueError(
+            f"{str(path)!r} is a generator checkpoint ({ckpt['arzoo_generator_class']}), but a tokenizer "
+            f"checkpoint is needed here (e.g. runs/digits/tokenizer_vq/last.ckpt)"
+        )
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise ValueError(
             f"{str(path)!r} is not an arzoo tokenizer checkpoint (no hyper_parameters['tokenizer']); "

@@ -76,13 +76,14 @@ class TokenizerModule(L.LightningModule):
         out = self.tokenizer(images)
         rec = self.reconstruction_loss(out.recon, images)
         loss = rec + out.quant_loss
-        bs = len(images)
-        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=bs)
-        self.log(f"{split}/rec_loss", rec, batch_size=bs)
-        self.log(f"{split}/codebook_loss", out.codebook_loss, batch_size=bs)
-        self.log(f"{split}/commit_loss", out.commit_loss, batch_size=bs)
+        # evaluation losses are averaged over the ranks (once per epoch); training logs stay per rank
+        kw = dict(batch_size=len(images), sync_dist=split != "train")
+        self.log(f"{split}/loss", loss, prog_bar=True, **kw)
+        self.log(f"{split}/rec_loss", rec, **kw)
+        self.log(f"{split}/codebook_loss", out.codebook_loss, **kw)
+        self.log(f"{split}/commit_loss", out.commit_loss, **kw)
         for name, value in out.extra_losses.items():
-            self.log(f"{split}/{name}_loss", value, batch_size=bs)
+            self.log(f"{split}/{name}_loss", value, **kw)
         return loss, out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -121,7 +122,10 @@ class TokenizerModule(L.LightningModule):
 
     def run_dir(self) -> Path:
         """The folder this run writes into (the logger's version folder, else the trainer's root)."""
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        # not `trainer.log_dir`: it broadcasts from rank 0, so rank-0-only callers would hang under DDP
+        logger = self.trainer.logger
+        path = (getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)) if logger else None
+        return Path(path or self.trainer.default_root_dir)
 
     @torch.no_grad()
     def save_reconstruction_grid(self, images: torch.Tensor, path: str | Path, per_row: int = 8) -> Path:
