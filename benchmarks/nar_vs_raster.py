@@ -14,43 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
 from arzoo.generators import NextNeighborGenerator, RasterGenerator
 from arzoo.generators.base import BaseGenerator
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of `fn()` over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from arzoo.metrics.meters import counting_calls, median_seconds
 
 
 def count_forward_calls(gen: BaseGenerator, labels: list[int], **kwargs) -> int:
     """Network calls one `generate()` makes (counted, not read from the schedule)."""
-    calls = 0
-    original = gen.forward_step
-
-    def counting(*args, **kw):
-        nonlocal calls
-        calls += 1
-        return original(*args, **kw)
-
-    gen.forward_step = counting  # type: ignore[method-assign]
-    try:
+    with counting_calls(gen, "forward_step") as calls:
         gen.generate(labels, **kwargs)
-    finally:
-        del gen.forward_step
-    return calls
+    return calls[0]
 
 
 def main() -> None:

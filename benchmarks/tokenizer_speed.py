@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from arzoo.metrics.meters import median_seconds
 from arzoo.tokenizers.base import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +26,6 @@ def tokenizer_from_recipe(path: Path):
     """The tokenizer a TokenizerModule recipe builds."""
     config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     return build_tokenizer(config["model"]["init_args"]["tokenizer"])
-
-
-def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of `fn()` over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -63,12 +50,12 @@ def main() -> None:
             loss.backward()
             opt.step()
 
-        t_train = median_seconds(train_step, args.repeats)
+        t_train = median_seconds(train_step, args.repeats, warmup=2)
         tok.eval()
         with torch.no_grad():
             maps = tok.encode(x)
-            t_enc = median_seconds(lambda: tok.encode(x), args.repeats)
-            t_dec = median_seconds(lambda: tok.decode(maps), args.repeats)
+            t_enc = median_seconds(lambda: tok.encode(x), args.repeats, warmup=2)
+            t_dec = median_seconds(lambda: tok.decode(maps), args.repeats, warmup=2)
         params = sum(p.numel() for p in tok.parameters())
         print(f"| {recipe.name} | {params:,} | {1 / t_train:.2f} | {args.batch / t_train:.0f} | "
               f"{args.batch / t_enc:.0f} | {args.batch / t_dec:.0f} |")

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import importlib
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from arzoo.data.image_grid import save_image_grid
 from arzoo.generators.base import BaseGenerator
 from arzoo.metrics import GenerativeMetrics
-from arzoo.metrics.meters import count_flops, peak_memory
+from arzoo.metrics.meters import count_flops, counting_calls, peak_memory
 from arzoo.tokenizers.checkpoint import load_tokenizer
 
 
@@ -49,23 +48,6 @@ def evaluate_real(images: torch.Tensor, labels: torch.Tensor, metrics: Generativ
     metrics.reset_fake()
     metrics.update_fake(images, labels)
     return _quality(metrics.compute())
-
-
-@contextmanager
-def counting_forward_steps(model: BaseGenerator) -> Iterator[list[int]]:
-    """Count calls of `model.forward_step` (one network forward pass each) while inside."""
-    calls = [0]
-    original = model.forward_step
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        return original(*args, **kwargs)
-
-    model.forward_step = counted  # instance attribute shadows the method only while counting
-    try:
-        yield calls
-    finally:
-        del model.forward_step
 
 
 def _sampling_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +87,7 @@ def evaluate_generator(
     model.sample_images(labels[:2].to(device), generator=generator, **kwargs)  # warm-up: lazy buffers, caches
     generator.manual_seed(int(settings["seed"]))
     images = []
-    with counting_forward_steps(model) as calls, peak_memory(device) as memory:
+    with counting_calls(model, "forward_step") as calls, peak_memory(device) as memory:
         start = time.perf_counter()
         for i in range(0, num, batch):
             images.append(model.sample_images(labels[i : i + batch].to(device), generator=generator, **kwargs).cpu())

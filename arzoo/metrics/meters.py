@@ -12,6 +12,8 @@
   back when freed) — without that a second model sampled in the same process could read 0.
 - `machine_load()`: /proc/loadavg (or os.getloadavg) and the CPU count, to print next to timings.
 - `count_flops(fn)`: FLOPs of one call, from torch's FlopCounterMode (matmul/conv/attention ops).
+- `counting_calls(obj, name)`: how often a method is called inside a block (forward passes of a
+  generator: `counting_calls(model, "forward_step")`); `median_seconds(fn)`: a repeated timing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ctypes.util
 import gc
 import os
 import resource
+import statistics
 import sys
 import threading
 import time
@@ -213,3 +216,32 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     with counter:
         fn(*args, **kwargs)
     return int(counter.get_total_flops())
+
+
+@contextmanager
+def counting_calls(obj: Any, name: str) -> Iterator[list[int]]:
+    """`with counting_calls(model, "forward_step") as calls: ...`; then calls[0] is how often it ran."""
+    calls = [0]
+    original = getattr(obj, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    setattr(obj, name, counted)  # an instance attribute shadows the method only while counting
+    try:
+        yield calls
+    finally:
+        delattr(obj, name)
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` runs after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
