@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,6 +21,7 @@ def sample(
     use_ema: bool = True,
     device: str = "cpu",
     batch_size: int = 64,
+    options: dict[str, Any] | None = None,
 ) -> Path:
     """Sample `num` images from a generator checkpoint and save them as a grid (one row per class).
 
@@ -36,9 +38,14 @@ def sample(
         use_ema: sample with the EMA weights when the model has them.
         device: torch device to sample on.
         batch_size: images generated per forward batch.
+        options: further keyword arguments of the generator's `generate()`, e.g. HMAR's
+            `{"refine": false}` or `{"mask_schedule": [[1], [1, 3], ...]}`.
     """
+    import inspect
+
     from arzoo.data.image_grid import save_image_grid
     from arzoo.generators.base import BaseGenerator
+    from arzoo.metrics.meters import counting_calls
 
     if labels is None and num <= 0:
         raise ValueError(f"num must be a positive number of images, got {num}")
@@ -53,19 +60,24 @@ def sample(
         nrow = per_class if num >= model.num_classes else num
     else:
         nrow = min(len(labels), 8)
+    options = dict(options or {})
+    accepted = set(inspect.signature(model.generate).parameters) - {"labels_B", "generator"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"options {unknown} are not arguments of {type(model).__name__}.generate(); it takes {sorted(accepted)}"
+        )
     generator = torch.Generator(device=device).manual_seed(seed)
     label_t = model.check_labels(torch.tensor(labels))
-    images = torch.cat(
-        [
-            model.sample_images(
-                label_t[i : i + batch_size], cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
-                generator=generator, use_ema=use_ema,
-            ).cpu()
-            for i in range(0, len(label_t), batch_size)
-        ]
-    )
+    kwargs = dict(cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, use_ema=use_ema, **options)
+    batches = range(0, len(label_t), batch_size)
+    with counting_calls(model, "forward_step") as calls:  # forward passes actually run (HMAR adds sub-steps)
+        images = torch.cat(
+            [model.sample_images(label_t[i : i + batch_size], generator=generator, **kwargs).cpu() for i in batches]
+        )
     path = save_image_grid(images, out, nrow=nrow, upscale=max(1, 64 // images.shape[-1]))
-    print(f"wrote {len(images)} samples ({model.paradigm}, {model.num_steps} steps each) to {path}")
+    steps = calls[0] / len(batches)
+    print(f"wrote {len(images)} samples ({model.paradigm}, {steps:g} forward passes each) to {path}")
     return path
 
 

@@ -14,6 +14,7 @@ import arzoo
 from arzoo.data import ImageDataModule
 from arzoo.generators import MaskedHierarchicalGenerator
 from arzoo.generators.masked_hierarchical import MASK_BRANCH, default_mask_schedule, lognorm_loss_weights
+from arzoo.metrics.meters import counting_calls
 from conftest import save_tiny_msvq
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,6 +124,9 @@ def test_mask_schedule_is_a_sampling_argument(msvq_path):
     assert torch.equal(run(mask_schedule=[[1], [4], [9], [16]]), plain)  # one step per scale: no refinement
     run(mask_schedule=[[1], [2, 1, 1], [3, 6], [4, 4, 4, 4]])
     assert [len(s["steps"]) for s in model.last_trace] == [1, 3, 2, 4]
+    with counting_calls(model, "forward_step") as calls:  # every network pass, sub-steps included
+        run(mask_schedule=[[1], [2, 1, 1], [3, 6], [4, 4, 4, 4]])
+    assert calls[0] == 1 + 3 + 2 + 4
     for step in model.last_trace[3]["steps"][1:]:
         assert step["idx_to_mask_in"].shape[1] in (12, 8, 4)
     with pytest.raises(ValueError, match=r"mask_schedule\[2\].*sum to the 3x3"):

@@ -225,8 +225,11 @@ def test_digits_recipe_fit_and_sample_command(tmp_path, monkeypatch, capsys, _pl
     main(["sample", "--ckpt_path", str(ckpt), "--num", "10", "--cfg", "2.0", "--top_k", "10", "--top_p", "0.9",
           "--seed", "0", "--out", "grid.png"])
     out = capsys.readouterr().out
-    assert "wrote 10 samples (next-scale, 7 steps each)" in out
+    assert "wrote 10 samples (next-scale, 7 forward passes each)" in out
     assert (tmp_path / "grid.png").is_file()
+    main(["sample", "--ckpt_path", str(ckpt), "--num", "2", "--options", '{"greedy": true}', "--out", "g.png"])
+    with pytest.raises(ValueError, match=r"options \['bogus'\] are not arguments of NextScaleGenerator.generate"):
+        main(["sample", "--ckpt_path", str(ckpt), "--num", "2", "--options", '{"bogus": 1}', "--out", "g.png"])
 
 
 # ---- ImageNet 256 recipes: parsed and built on the meta device (nothing trains) ---------------------

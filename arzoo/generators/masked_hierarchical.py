@@ -594,8 +594,12 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
             self.last_trace = self._refine.trace
             self._refine = None
 
-    def forward_step(self, inputs: torch.Tensor | None, labels_B: torch.Tensor, step: int) -> torch.Tensor:
-        """Next-scale logits (R, pn_step^2, V) of one scale, over its own tokens only."""
+    def forward_step(self, inputs: torch.Tensor | tuple | None, labels_B: torch.Tensor, step: int) -> torch.Tensor:
+        """Next-scale logits (R, pn_step^2, V) of one scale, over its own tokens only; with a tuple
+        `(next_input, own_BlCv, masked_Bl)`, the mask branch's logits of a refinement sub-step (one
+        entry point for every network pass, so callers can count them)."""
+        if isinstance(inputs, tuple):
+            return self.net.forward_scale(labels_B, step, *inputs)
         if self._refine is not None:
             self._refine.labels = labels_B
         return self.net.forward_scale(labels_B, step, inputs)
@@ -643,7 +647,7 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
             for j in range(1, len(plan)):
                 masked_Bl = torch.zeros_like(ids_Bl, dtype=torch.bool).scatter_(1, masked_idx, True)
                 own_BlCv = self.own_scale_input(si, ids_Bl)  # the masked tokens' codes still reach neighbours
-                logits = self.net.forward_scale(labels, si, next_input, own_BlCv, masked_Bl).float()
+                logits = self.forward_step((next_input, own_BlCv, masked_Bl), labels, si).float()
                 if guided:
                     logits = (1 + t) * logits[:B] - t * logits[B:]
                 new_Bl, filtered = self.draw_scale(logits, sampling, generator)
