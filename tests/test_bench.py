@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -155,22 +156,48 @@ def test_scatter_plot_handles_missing_and_log_values() -> None:
     assert "no data" in scatter_svg([], "x", "y", "t")
 
 
-def test_a_tiny_suite_end_to_end_and_resumed(tmp_path: Path) -> None:
-    """Train a tokenizer and a generator for two steps each, evaluate, write the board; a re-run reuses all."""
+COLUMN_MAJOR = """
+import torch
+from arzoo.generators import RasterGenerator
+
+
+class ColumnMajorRaster(RasterGenerator):
+    paradigm = "column-major"
+
+    def build_schedule(self):
+        g = self.grid_size
+        return [torch.tensor([r * g + c]) for c in range(g) for r in range(g)]
+"""
+
+
+def test_a_tiny_suite_end_to_end_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train a tokenizer and two generators for two steps each — one a paradigm the harness has never seen —
+    evaluate, write the board; a re-run reuses everything."""
     from arzoo.bench.command import run_suite
 
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "column_major.py").write_text(COLUMN_MAJOR)
+    monkeypatch.setenv("PYTHONPATH", f"{plugins}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # the fit child
+    monkeypatch.syspath_prepend(str(plugins))  # the evaluation, in this process
+    tiny = {"model.init_args.n_layer": 1, "model.init_args.dim": 32, "model.init_args.n_head": 2}
     suite = write_suite(
         tmp_path,
         budget={"train_images": 128},
         evaluation={"num_samples": 20, "batch_size": 10, "latency_batch": 4, "cfg": 2.0, "top_k": 16},
-        entries=[{"name": "raster", "recipe": "recipes/digits/raster.yaml", "tokenizer": "vq",
-                  "overrides": {"model.init_args.n_layer": 1, "model.init_args.dim": 32, "model.init_args.n_head": 2},
-                  "evaluation": {"temperature": 0.9}}],
+        entries=[
+            {"name": "raster", "recipe": "recipes/digits/raster.yaml", "tokenizer": "vq", "overrides": tiny,
+             "evaluation": {"temperature": 0.9}},
+            {"name": "columns", "recipe": "recipes/digits/raster.yaml", "tokenizer": "vq",
+             "overrides": {**tiny, "model.class_path": "column_major.ColumnMajorRaster"}},
+        ],
     )
     out = tmp_path / "out"
     run_suite(str(suite), out=str(out))
     board = json.loads((out / "leaderboard.json").read_text())
-    (row,) = board["rows"]
+    rows = {r["name"]: r for r in board["rows"]}
+    row = rows["raster"]
+    assert rows["columns"]["paradigm"] == "column-major" and rows["columns"]["forward_passes"] == 64
     assert row["paradigm"] == "raster" and row["train_steps"] == 2 and row["train_images"] == 128
     assert row["forward_passes"] == 64  # one network call per token of the 8x8 grid
     assert row["fid"] >= 0 and 0 <= row["precision"] <= 1 and 0 <= row["class_accuracy"] <= 1
@@ -179,8 +206,10 @@ def test_a_tiny_suite_end_to_end_and_resumed(tmp_path: Path) -> None:
     kinds = {(r["tokenizer"], r["kind"]) for r in board["reference_rows"]}
     assert {("vq", "reconstruction"), ("vq", "random tokens")} <= kinds and len(kinds) == 3  # + real images
     assert (out / "leaderboard.md").is_file() and (out / "leaderboard.html").is_file()
+    assert len(list((out / "tokenizers").iterdir())) == 1  # one tokenizer run shared by both entries
 
     stamp = (out / row["entry_folder"] / "last.ckpt").stat().st_mtime_ns
     run_suite(str(suite), out=str(out))  # finished runs are neither retrained nor re-evaluated
     assert (out / row["entry_folder"] / "last.ckpt").stat().st_mtime_ns == stamp
-    assert json.loads((out / "leaderboard.json").read_text())["rows"][0]["fid"] == row["fid"]
+    again = {r["name"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    assert again["raster"]["fid"] == row["fid"]
