@@ -225,10 +225,14 @@ def test_band_grids_must_be_increasing_with_two_bands(grids) -> None:
         _tiny(band_grids=grids)
 
 
-def test_empty_band_is_an_error() -> None:
+def test_empty_band_is_an_error_only_for_band_pass() -> None:
     with pytest.raises(ValueError, match=r"band 2 \(grid 3x3, cut-off frequency 1.5\) holds no frequency"):
-        _tiny(band_grids=(1, 2, 3, 8), mask_shape="square")
-    assert _tiny(band_grids=(1, 2, 3, 8)).num_bands == 4  # the radial mask has (1, 1) between 1 and 1.5
+        _tiny(band_grids=(1, 2, 3, 8), mask_shape="square", band_mode="bandpass")
+    assert _tiny(band_grids=(1, 2, 3, 8), mask_shape="radial", band_mode="bandpass").num_bands == 4  # (1, 1) lies in (1, 1.5]
+    # low-pass: grid 3 shares grid 2's cut-off and re-quantises the same frequencies on a bigger grid
+    quantizer = _tiny(band_grids=(1, 2, 3, 8), mask_shape="square", band_mode="lowpass").quantize
+    assert quantizer.band_masks_KPP[2].sum() == 0
+    assert torch.equal(quantizer._lowpass_half[2], quantizer._lowpass_half[1])
 
 
 def test_unknown_mask_shape_and_band_mode() -> None:
@@ -261,7 +265,7 @@ def test_short_digits_training_next_to_the_multiscale_tokenizer() -> None:
                 codebook_init=0.02)
     grids = (1, 2, 3, 4, 5, 6, 8)
     variants = {
-        "fvq-bandpass": (FrequencyVQTokenizer, {"band_grids": grids, "band_mode": "bandpass"}),
+        "fvq-bandpass": (FrequencyVQTokenizer, {"band_grids": grids, "band_mode": "bandpass", "mask_shape": "radial"}),
         "fvq-lowpass": (FrequencyVQTokenizer, {"band_grids": grids, "band_mode": "lowpass"}),
         "msvq": (MultiScaleVQTokenizer, {"patch_nums": grids}),
     }
