@@ -252,46 +252,19 @@ class FrequencyVQTokenizer(MultiScaleVQTokenizer):
             raise ValueError(f"{owner}: mask_shape must be one of {MASK_SHAPES}, got {mask_shape!r}")
         if band_mode not in BAND_MODES:
             raise ValueError(f"{owner}: band_mode must be one of {BAND_MODES}, got {band_mode!r}")
-        # Builds VAR's modules (and checks band_grids through `_check_patch_nums` below).
-        super().__init__(
-            image_size=image_size,
-            vocab_size=vocab_size,
-            z_channels=z_channels,
-            ch=ch,
-            ch_mult=ch_mult,
-            num_res_blocks=num_res_blocks,
-            dropout=dropout,
-            beta=beta,
-            using_znorm=using_znorm,
-            quant_conv_ks=quant_conv_ks,
-            quant_resi=quant_resi,
-            share_quant_resi=share_quant_resi,
-            default_qresi_counts=default_qresi_counts,
-            patch_nums=band_grids,
-            using_sa=using_sa,
-            using_mid_sa=using_mid_sa,
+        # Arguments VAR's tokenizer takes as they are; built once, passed to it and recorded for spec().
+        shared = dict(
+            image_size=image_size, vocab_size=vocab_size, z_channels=z_channels, ch=ch,
+            num_res_blocks=num_res_blocks, dropout=dropout, beta=beta, using_znorm=using_znorm,
+            quant_conv_ks=quant_conv_ks, quant_resi=quant_resi, share_quant_resi=share_quant_resi,
+            default_qresi_counts=default_qresi_counts, using_sa=using_sa, using_mid_sa=using_mid_sa,
             codebook_init=codebook_init,
         )
+        # Builds VAR's modules (and checks band_grids through `_check_patch_nums` below).
+        super().__init__(**shared, ch_mult=ch_mult, patch_nums=band_grids)
         self._record_init_args(
-            image_size=image_size,
-            vocab_size=vocab_size,
-            z_channels=z_channels,
-            ch=ch,
-            ch_mult=_as_int_tuple(ch_mult, "ch_mult"),
-            num_res_blocks=num_res_blocks,
-            dropout=dropout,
-            beta=beta,
-            using_znorm=using_znorm,
-            quant_conv_ks=quant_conv_ks,
-            quant_resi=quant_resi,
-            share_quant_resi=share_quant_resi,
-            default_qresi_counts=default_qresi_counts,
-            band_grids=band_grids,
-            mask_shape=mask_shape,
+            **shared, ch_mult=_as_int_tuple(ch_mult, "ch_mult"), band_grids=band_grids, mask_shape=mask_shape,
             band_mode=band_mode,
-            using_sa=using_sa,
-            using_mid_sa=using_mid_sa,
-            codebook_init=codebook_init,
         )
         # Swap VAR's quantiser for the frequency one, keeping its (identically keyed) initial weights.
         quantize = FrequencyResidualQuantizer(
