@@ -1,6 +1,6 @@
 """`python -m arzoo` is the `arzoo` command."""
 
-from arzoo.cli import main
+from arzoo.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ import random
 from typing import Any, Mapping
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 
@@ -75,12 +76,13 @@ class NonFiniteGuard(L.Callback):
             return
         stats = "\n  ".join(describe_batch(self._batch)) or "(no tensors in the batch)"
         value = loss.detach().float().reshape(-1)[0].item() if loss.numel() else math.nan
+        rank_zero_warn(f"statistics of the batch with a non-finite loss (step {trainer.global_step}):\n  {stats}")
         raise NonFiniteLossError(
             f"non-finite training loss {value} at step {trainer.global_step} (epoch {trainer.current_epoch}, "
-            f"batch {self._batch_idx}); training stopped before the optimizer step, so checkpoints already "
-            f"written (e.g. last.ckpt) hold the last finite weights.\nbatch statistics:\n  {stats}\n"
-            "Check the data for non-finite pixels, lower the learning rate or raise warmup_steps, clip "
-            "gradients (trainer.gradient_clip_val) or use bf16-mixed instead of 16-mixed precision."
+            f"batch {self._batch_idx}; its statistics are printed above); training stopped before the optimizer "
+            f"step, so checkpoints already written (e.g. last.ckpt) hold the last finite weights. Check the data "
+            "for non-finite pixels, lower the learning rate or raise warmup_steps, clip gradients "
+            "(trainer.gradient_clip_val) or use bf16-mixed instead of 16-mixed precision"
         )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -145,6 +147,22 @@ class RNGResumeState(L.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class EmptyDataGuard(L.Callback):
+    """Stop a fit whose first training epoch read no image at all (every file unreadable), before any
+    checkpoint is written: the data module names the source and what it skipped."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check = getattr(trainer.datamodule, "check_something_was_read", None)
+        if callable(check):
+            check("train")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check = getattr(trainer.datamodule, "check_something_was_read", None)
+        # only for `arzoo validate / test`: inside a fit, an unreadable validation set must not stop training
+        if callable(check) and trainer.state.fn in ("validate", "test"):
+            check("eval")
+
+
 def default_callbacks() -> list[L.Callback]:
     """The callbacks `arzoo fit` adds unless the configuration already has one of the same class."""
-    return [NonFiniteGuard(), RNGResumeState()]
+    return [NonFiniteGuard(), RNGResumeState(), EmptyDataGuard()]

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
+
+
+def check_optimizer_args(
+    lr: float, betas: Sequence[float], weight_decay: float, warmup_steps: int, min_lr_ratio: float
+) -> None:
+    """Raise a clear ValueError for an AdamW / warmup-cosine argument outside its range."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {list(betas)!r}")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if not (isinstance(min_lr_ratio, (int, float)) and 0.0 <= min_lr_ratio <= 1.0):
+        raise ValueError(
+            f"min_lr_ratio must be in [0, 1] (the final learning rate as a fraction of lr), got {min_lr_ratio!r}"
+        )
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -3,11 +3,14 @@
 A folder holds `model.safetensors` (every weight: a generator's network, EMA copy and frozen
 tokenizer, or a tokenizer's weights) and `config.json` (`kind`, the class path and the resolved
 constructor arguments). Nothing in it is unpickled: safetensors is raw tensors, the config is JSON.
+The two files check each other: `config.json` holds the SHA-256 of `model.safetensors`, whose
+metadata holds the SHA-256 of the config, so a damaged or mismatched file is refused on load. The
+class a config names is used only if it is arzoo's or already imported (`arzoo.class_paths`).
 """
 
 from __future__ import annotations
 
-import importlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,7 +18,9 @@ from typing import Any
 
 import torch
 
-from arzoo.checkpoint_io import read_checkpoint
+from arzoo.checkpoint_io import load_state_dict_checked, read_checkpoint
+from arzoo.class_paths import check_class_paths, resolve_class
+from arzoo.errors import CorruptFileError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -24,12 +29,18 @@ FORMAT_VERSION = 1
 GENERATOR_CLASS_KEY = "arzoo_generator_class"  # as written by BaseGenerator.on_save_checkpoint
 
 
-def _import_class(class_path: str, what: str) -> type:
-    module_name, _, name = str(class_path).rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"{what} class {class_path!r} cannot be imported ({type(err).__name__}: {err})") from err
+def _config_digest(config: dict[str, Any]) -> str:
+    """SHA-256 of a config without its `weights_sha256` entry (canonical JSON)."""
+    body = {k: v for k, v in config.items() if k != "weights_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _plain(value: Any, key: str) -> Any:
@@ -89,9 +100,12 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     # safetensors refuses tensors that share memory; contiguous copies of each are always accepted
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items() if isinstance(v, torch.Tensor)}
     tmp = out / f".{WEIGHTS_NAME}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_file(tensors, str(tmp), metadata={"format": "pt", "config_sha256": _config_digest(config)})
+    config["weights_sha256"] = _file_digest(tmp)
     os.replace(tmp, out / WEIGHTS_NAME)
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    tmp_config = out / f".{CONFIG_NAME}.{os.getpid()}.tmp"
+    tmp_config.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp_config, out / CONFIG_NAME)
     return out
 
 
@@ -108,11 +122,15 @@ def read_pretrained_config(folder: str | Path) -> dict[str, Any]:
             )
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(folder / CONFIG_NAME)!r} is not valid JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(
+            f"{str(folder / CONFIG_NAME)!r} is not valid JSON ({err}); is it cut short? Export again with `arzoo export`"
+        ) from None
     kind = config.get("kind") if isinstance(config, dict) else None
     if not isinstance(config, dict) or config.get("format") != FORMAT or kind not in ("generator", "tokenizer"):
-        raise ValueError(f"{str(folder / CONFIG_NAME)!r} is not an arzoo export config (format {FORMAT!r})")
+        raise CorruptFileError(f"{str(folder / CONFIG_NAME)!r} is not an arzoo export config (format {FORMAT!r})")
+    if not isinstance(config.get("init_args"), dict) or not isinstance(config.get("class_path"), str):
+        raise CorruptFileError(f"{str(folder / CONFIG_NAME)!r} has no class_path / init_args; export again")
     if int(config.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(
             f"{str(folder)!r} was exported in format version {config['format_version']}; this arzoo reads "
@@ -121,22 +139,52 @@ def read_pretrained_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
+def read_pretrained_weights(folder: str | Path, config: dict[str, Any], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of `<folder>/model.safetensors`, checked against the config's checksums."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(folder).expanduser() / WEIGHTS_NAME
+    stored = config.get("weights_sha256")
+    if stored is not None and _file_digest(path) != stored:
+        raise CorruptFileError(
+            f"{str(path)!r} is damaged or does not belong to its config.json: its SHA-256 differs from the one the "
+            f"export recorded; export the checkpoint again"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+        weights = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CorruptFileError(
+            f"{str(path)!r} could not be read as safetensors ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"is it cut short? Export the checkpoint again"
+        ) from None
+    config_digest = metadata.get("config_sha256")
+    if config_digest is not None and config_digest != _config_digest(config):
+        raise CorruptFileError(
+            f"{str(Path(folder) / CONFIG_NAME)!r} was changed after the export (it no longer matches "
+            f"{WEIGHTS_NAME}); export the checkpoint again"
+        )
+    return weights
+
+
 def from_pretrained(folder: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """The generator (eval mode) or frozen tokenizer saved by `arzoo export` in `folder`."""
-    from safetensors.torch import load_file
-
     from arzoo.generators.base import BaseGenerator
-    from arzoo.tokenizers.base import resolve_tokenizer_class
+    from arzoo.tokenizers.base import build_tokenizer
 
     config = read_pretrained_config(folder)
-    weights = load_file(str(Path(folder).expanduser() / WEIGHTS_NAME), device=str(map_location))
+    source = str(Path(folder).expanduser() / CONFIG_NAME)
     if config["kind"] == "tokenizer":
-        tokenizer = resolve_tokenizer_class(config["class_path"])(**config["init_args"])
-        tokenizer.load_state_dict(weights)
+        tokenizer = build_tokenizer(config, source=source)
+        weights = read_pretrained_weights(folder, config, str(map_location))
+        load_state_dict_checked(tokenizer, weights, f"{str(folder)!r}")
         return tokenizer.to(map_location).freeze()
-    cls = _import_class(config["class_path"], "generator")
-    if not (isinstance(cls, type) and issubclass(cls, BaseGenerator)):
-        raise ValueError(f"{config['class_path']!r} in {str(folder)!r} is not an arzoo generator class")
+    # the classes the config names are checked before anything else is read from the folder
+    cls = resolve_class(config["class_path"], what="generator class", source=source, base=BaseGenerator)
+    check_class_paths(config["init_args"], source=source)
+    weights = read_pretrained_weights(folder, config, str(map_location))
     model = cls(**config["init_args"])
-    model.load_state_dict(weights)
+    load_state_dict_checked(model, weights, f"{str(folder)!r}")
     return model.to(map_location).eval()

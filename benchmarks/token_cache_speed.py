@@ -42,7 +42,7 @@ class StepTimer(L.Callback):
 
 def build(config: str, steps: int, token_cache: str | None) -> tuple[L.Trainer, Any, Any, StepTimer]:
     """Model, data and a bare trainer from the recipe, as `arzoo fit` would build them."""
-    from arzoo.cli import ArzooCLI, ArzooTrainer
+    from arzoo.cli.lightning_cli import ArzooCLI, ArzooTrainer
 
     overrides = ["--trainer.max_steps", str(steps), "--trainer.logger", "false", "--trainer.callbacks", "[]",
                  "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0",
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     args = parser.parse_args()
-    from arzoo.tokenize_command import tokenize
+    from arzoo.cli.tokenize import tokenize
 
     sys.argv = sys.argv[:1]
     with tempfile.TemporaryDirectory(prefix="arzoo-token-cache-") as tmp:

@@ -99,11 +99,42 @@ def test_suite_mistakes_name_the_entry(tmp_path: Path) -> None:
         load_suite(str(write_suite(tmp_path, entries=[{"name": "raster", "recipe": "recipes/digits/raster.yaml", "tokenizer": "msvq"}])))
     with pytest.raises(FileNotFoundError, match="recipes/digits/nope.yaml"):
         load_suite(str(write_suite(tmp_path, entries=[{"name": "x", "recipe": "recipes/digits/nope.yaml"}])))
-    with pytest.raises(ValueError, match="unknown evaluation setting"):
+    with pytest.raises(ValueError, match=r"evaluation has unknown key 'cfgg' \(did you mean 'cfg'\?\)"):
         load_suite(str(write_suite(tmp_path, evaluation={"cfgg": 2})))
     with pytest.raises(ValueError, match="unique `name`"):
         entry = {"name": "a", "recipe": "recipes/digits/raster.yaml", "tokenizer": "vq"}
         load_suite(str(write_suite(tmp_path, entries=[entry, entry])))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(evalution={"num_samples": 3}), r"suite .* has unknown key 'evalution' \(did you mean 'evaluation'\?\)"),
+        (dict(budget={"train_images": True}), r"budget: key 'train_images': Value 'True' of type 'bool' could not"),
+        (dict(budget={"train_images": 64, "wall_clock_s": 3}), "exactly one of train_images / wall_clock_s"),
+        (dict(budget={"images": 64}), r"budget has unknown key 'images'"),
+        (dict(evaluation={"num_samples": "lots"}), r"evaluation: key 'num_samples': Value 'lots' of type 'str'"),
+        (dict(entries=[{"name": "a", "recipe": "recipes/digits/raster.yaml", "tokenizr": "vq"}]),
+         r"entry 'a' has unknown key 'tokenizr' \(did you mean 'tokenizer'\?\)"),
+        (dict(entries=[{"recipe": "recipes/digits/raster.yaml"}]), r"entry 0 has no 'name', which is required"),
+        (dict(entries=[{"name": "a", "recipe": "recipes/digits/raster.yaml", "budget_share": "half"}]),
+         r"entry 'a': key 'budget_share': Value 'half'"),
+        (dict(entries=[{"name": "a", "recipe": "recipes/digits/raster.yaml", "evaluation": {"top_k": 1.5}}]),
+         r"entry 'a': evaluation: key 'top_k': Value '1.5' of type 'float'"),
+        (dict(tokenizers={"vq": {"recipe": "recipes/digits/tokenizer_vq.yaml", "overides": {}}}),
+         r"tokenizer 'vq' has unknown key 'overides' \(did you mean 'overrides'\?\)"),
+    ],
+    ids=["top-key", "bool-budget", "two-budgets", "budget-key", "eval-type", "entry-key", "no-name", "share-type",
+         "entry-eval-type", "tokenizer-key"],
+)
+def test_suite_schema_refuses_unknown_keys_and_wrong_types(tmp_path: Path, change: dict, message: str) -> None:
+    """A typo or a wrong type in a suite file is refused before anything trains, naming the suite, entry and key."""
+    path = write_suite(tmp_path, entries=[{"name": "r", "recipe": "recipes/digits/raster.yaml", "tokenizer": "vq"}])
+    raw = yaml.safe_load(path.read_text())
+    raw.update(change)
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=message):
+        load_suite(str(path))
 
 
 def _row(name: str, fid: float | None, **extra) -> dict:

@@ -15,7 +15,7 @@ import torch
 
 import arzoo
 from arzoo.checkpoint_plugin import AtomicCheckpointIO
-from arzoo.cli import main
+from arzoo.cli import run as arzoo_run
 from arzoo.data import ImageDataModule
 from arzoo.generators import RasterGenerator
 from arzoo.tokenizers import MultiScaleVQTokenizer, TokenizerModule, VQTokenizer, load_tokenizer
@@ -184,12 +184,12 @@ def test_truncated_checkpoint(ckpts, tmp_path):
 
 def test_tokenizer_checkpoint_given_to_arzoo_sample(ckpts):
     with pytest.raises(ValueError, match="vq.ckpt.* is a tokenizer checkpoint, but a generator checkpoint is needed"):
-        main(["sample", "--ckpt_path", str(ckpts["tokenizer"])])
+        arzoo_run(["sample", "--ckpt_path", str(ckpts["tokenizer"])])
 
 
 def test_sample_checkpoint_that_does_not_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="generator checkpoint .*missing.ckpt.* does not exist"):
-        main(["sample", "--ckpt_path", str(tmp_path / "missing.ckpt")])
+        arzoo_run(["sample", "--ckpt_path", str(tmp_path / "missing.ckpt")])
 
 
 def test_resume_from_a_checkpoint_that_does_not_exist(tmp_path):
@@ -210,7 +210,7 @@ def test_checkpoint_that_would_run_code(tmp_path):
 def test_export_of_a_checkpoint_arzoo_did_not_write(tmp_path):
     torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="neither an arzoo generator checkpoint .* nor a tokenizer checkpoint"):
-        main(["export", "--ckpt_path", str(tmp_path / "other.ckpt"), "--out", str(tmp_path / "out")])
+        arzoo_run(["export", "--ckpt_path", str(tmp_path / "other.ckpt"), "--out", str(tmp_path / "out")])
 
 
 def test_from_pretrained_on_a_folder_that_is_no_export(tmp_path):
@@ -250,7 +250,7 @@ def test_bad_sampling_argument(model, kwargs, message):
 )
 def test_bad_arzoo_sample_argument(ckpts, args, message):
     with pytest.raises(ValueError, match=message):
-        main(["sample", "--ckpt_path", str(ckpts["generator"]), *args])
+        arzoo_run(["sample", "--ckpt_path", str(ckpts["generator"]), *args])
 
 
 def test_sampling_images_without_a_tokenizer():
@@ -264,7 +264,7 @@ def test_sampling_images_without_a_tokenizer():
 
 def _cli_error(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as info:
-        main(args)
+        arzoo_run(args)
     assert info.value.code == 2
     return capsys.readouterr().err
 

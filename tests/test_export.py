@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import arzoo
-from arzoo.cli import main
+from arzoo.cli import run as arzoo_run
 from arzoo.data import ImageDataModule
 from arzoo.generators import BaseGenerator, RasterGenerator
 from arzoo.tokenizers import Tokenizer, VQTokenizer, load_tokenizer
@@ -43,7 +43,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 def test_generator_round_trip_is_self_contained_and_identical(checkpoints, tmp_path, capsys):
     out = tmp_path / "export"
-    main(["export", "--ckpt_path", str(checkpoints["generator"]), "--out", str(out)])
+    arzoo_run(["export", "--ckpt_path", str(checkpoints["generator"]), "--out", str(out)])
     assert "exported generator arzoo.generators.raster.RasterGenerator" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
@@ -73,7 +73,7 @@ def test_generator_round_trip_is_self_contained_and_identical(checkpoints, tmp_p
 
 def test_tokenizer_round_trip(checkpoints, tmp_path):
     out = tmp_path / "tok"
-    main(["export", "--ckpt_path", str(checkpoints["tokenizer"]), "--out", str(out)])
+    arzoo_run(["export", "--ckpt_path", str(checkpoints["tokenizer"]), "--out", str(out)])
     original = load_tokenizer(checkpoints["tokenizer"])
     loaded = arzoo.from_pretrained(out)
     assert isinstance(loaded, Tokenizer) and type(loaded) is type(original) and not loaded.training
@@ -92,4 +92,4 @@ def test_export_and_from_pretrained_errors(checkpoints, tmp_path):
         arzoo.from_pretrained(tmp_path / "nowhere")
     torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="neither an arzoo generator checkpoint .* nor a tokenizer checkpoint"):
-        main(["export", "--ckpt_path", str(tmp_path / "other.ckpt"), "--out", str(tmp_path / "x")])
+        arzoo_run(["export", "--ckpt_path", str(tmp_path / "other.ckpt"), "--out", str(tmp_path / "x")])

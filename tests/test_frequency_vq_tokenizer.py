@@ -292,12 +292,12 @@ def test_recipe_fits_and_reloads(tmp_path, monkeypatch) -> None:
     import sys
     from pathlib import Path
 
-    from arzoo.cli import main
+    from arzoo.cli import run as arzoo_run
 
     monkeypatch.setattr(sys, "argv", ["arzoo"])  # LightningCLI warns when sys.argv and args are both given
     monkeypatch.chdir(tmp_path)
     recipe = Path(__file__).resolve().parents[1] / "recipes/digits/tokenizer_fvq.yaml"
-    main(["fit", "--config", str(recipe), "--trainer.max_steps", "2", "--trainer.limit_train_batches", "2",
+    arzoo_run(["fit", "--config", str(recipe), "--trainer.max_steps", "2", "--trainer.limit_train_batches", "2",
           "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1",
           "--trainer.log_every_n_steps", "1"])
     run = tmp_path / "runs/digits/tokenizer_fvq"

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from arzoo.cli import main
+from arzoo.cli import run as arzoo_run
 from arzoo.generators import RasterGenerator, generator_config
 from arzoo.tokenizers import VQTokenizer
 from arzoo.tokenizers.checkpoint import save_tokenizer_checkpoint
@@ -41,7 +41,7 @@ def _plain_argv(monkeypatch):
 def print_config(size: str, capsys, *extra: str) -> dict:
     """The config `arzoo fit --config raster_<size>.yaml --print_config` prints, parsed."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(RECIPES / f"raster_{size}.yaml"), *extra, "--print_config"])
+        arzoo_run(["fit", "--config", str(RECIPES / f"raster_{size}.yaml"), *extra, "--print_config"])
     assert exit_info.value.code == 0
     return yaml.safe_load(capsys.readouterr().out)
 
@@ -143,7 +143,7 @@ def test_hmar_recipes_parse_and_build_the_official_size(recipe, tmp_path, monkey
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(RECIPES / f"{recipe}.yaml"), "--print_config"])
+        arzoo_run(["fit", "--config", str(RECIPES / f"{recipe}.yaml"), "--print_config"])
     assert exit_info.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     model, trainer = config["model"], config["trainer"]

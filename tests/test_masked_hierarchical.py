@@ -203,7 +203,7 @@ def test_flex_attention_equals_sdpa_on_cuda(msvq_path):
 
 def test_digits_recipes_fit_both_stages_and_sample(tmp_path, monkeypatch, capsys):
     """The two digits recipes through the CLI (tiny and short): stage 2 starts from stage 1's checkpoint."""
-    from arzoo.cli import main
+    from arzoo.cli import run as arzoo_run
 
     monkeypatch.setattr(sys, "argv", ["arzoo"])
     monkeypatch.chdir(tmp_path)
@@ -211,17 +211,17 @@ def test_digits_recipes_fit_both_stages_and_sample(tmp_path, monkeypatch, capsys
              "--trainer.check_val_every_n_epoch", "1", "--data.init_args.batch_size", "8"]  # fmt: skip
     tiny = ["--model.init_args.depth", "2", "--model.init_args.n_layers_train", "1", "--model.init_args.embed_dim",
             "32", "--model.init_args.num_heads", "2"]  # fmt: skip
-    main(["fit", "--config", str(ROOT / "recipes/digits/tokenizer_msvq.yaml"), *quick])
+    arzoo_run(["fit", "--config", str(ROOT / "recipes/digits/tokenizer_msvq.yaml"), *quick])
     for stage in (1, 2):
-        main(["fit", "--config", str(ROOT / f"recipes/digits/masked_hierarchical_stage{stage}.yaml"), *quick, *tiny])
-        run = tmp_path / f"runs/digits/masked_hierarchical_stage{stage}"
-        assert (run / "last.ckpt").is_file() and (run / "version_0/samples.png").is_file()
-        metrics = (run / "version_0/metrics.csv").read_text()
+        arzoo_run(["fit", "--config", str(ROOT / f"recipes/digits/masked_hierarchical_stage{stage}.yaml"), *quick, *tiny])
+        run_dir = tmp_path / f"runs/digits/masked_hierarchical_stage{stage}"
+        assert (run_dir / "last.ckpt").is_file() and (run_dir / "version_0/samples.png").is_file()
+        metrics = (run_dir / "version_0/metrics.csv").read_text()
         assert "val/loss" in metrics and "val/unigram_loss" in metrics and ("val/mean_ce" in metrics) == (stage == 1)
     stage1, stage2 = (_net_weights(tmp_path / f"runs/digits/masked_hierarchical_stage{s}/last.ckpt") for s in (1, 2))
     for key, value in stage1.items():
         if not key.startswith(MASK_BRANCH):
             assert torch.equal(value, stage2[key]), key  # frozen in stage 2
-    main(["sample", "--ckpt_path", str(tmp_path / "runs/digits/masked_hierarchical_stage2/last.ckpt"), "--num", "10",
+    arzoo_run(["sample", "--ckpt_path", str(tmp_path / "runs/digits/masked_hierarchical_stage2/last.ckpt"), "--num", "10",
           "--cfg", "2.0", "--top_k", "10", "--seed", "0", "--out", "grid.png"])  # fmt: skip
     assert "wrote 10 samples (masked-hierarchical" in capsys.readouterr().out and (tmp_path / "grid.png").is_file()

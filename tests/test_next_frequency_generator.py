@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import arzoo
-from arzoo.cli import main
+from arzoo.cli import run as arzoo_run
 from arzoo.data import ImageDataModule
 from arzoo.generators import NextFrequencyGenerator, NextScaleGenerator
 from arzoo.tokenizers import FrequencyVQTokenizer, MultiScaleVQTokenizer
@@ -64,7 +64,7 @@ def test_named_sizes_reuse_the_next_scale_transformer():
 def test_recipes_parse(recipe, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["arzoo"])
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(ROOT / "recipes" / recipe), "--print_config"])
+        arzoo_run(["fit", "--config", str(ROOT / "recipes" / recipe), "--print_config"])
     assert exit_info.value.code == 0
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     assert model["class_path"].endswith("NextFrequencyGenerator")

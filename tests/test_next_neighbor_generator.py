@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import arzoo
-from arzoo.cli import main
+from arzoo.cli import run as arzoo_run
 from arzoo.data import ImageDataModule
 from arzoo.generators import NextNeighborGenerator, RasterGenerator
 from arzoo.generators.base import BaseGenerator
@@ -215,12 +215,12 @@ def test_digits_recipe_fit_and_sample_command(vq_path, tmp_path, monkeypatch, ca
              "--trainer.check_val_every_n_epoch", "1", "--data.init_args.image_size", "16",
              "--model.init_args.tokenizer_path", str(vq_path), "--model.init_args.dim", "32",
              "--model.init_args.n_layer", "1", "--model.init_args.n_head", "2"]  # fmt: skip
-    main(["fit", "--config", str(ROOT / "recipes/digits/next_neighbor.yaml"), *quick])
+    arzoo_run(["fit", "--config", str(ROOT / "recipes/digits/next_neighbor.yaml"), *quick])
     ckpt = tmp_path / "runs/digits/next_neighbor/last.ckpt"
     assert ckpt.is_file() and (tmp_path / "runs/digits/next_neighbor/version_0/samples.png").is_file()
     metrics = (tmp_path / "runs/digits/next_neighbor/version_0/metrics.csv").read_text()
     assert "val/loss" in metrics and "val/unigram_loss" in metrics
-    main(["sample", "--ckpt_path", str(ckpt), "--num", "20", "--cfg", "2.0", "--top_k", "10", "--seed", "0",
+    arzoo_run(["sample", "--ckpt_path", str(ckpt), "--num", "20", "--cfg", "2.0", "--top_k", "10", "--seed", "0",
           "--out", "grid.png"])  # fmt: skip
     assert "wrote 20 samples" in capsys.readouterr().out
     with Image.open(tmp_path / "grid.png") as grid:

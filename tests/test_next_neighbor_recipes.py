@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from arzoo.cli import main
+from arzoo.cli import run as arzoo_run
 from arzoo.generators import NextNeighborGenerator, generator_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def _plain_argv(monkeypatch, tmp_path):
 def print_config(recipe: str, capsys) -> dict:
     """The config `arzoo fit --config <recipe> --print_config` prints, parsed."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(ROOT / "recipes" / recipe), "--print_config"])
+        arzoo_run(["fit", "--config", str(ROOT / "recipes" / recipe), "--print_config"])
     assert exit_info.value.code == 0
     return yaml.safe_load(capsys.readouterr().out)
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import arzoo
-from arzoo.cli import main
+from arzoo.cli import run as arzoo_run
 from arzoo.data import ImageDataModule
 from arzoo.generators import NextScaleGenerator, filter_logits_var, generator_config
 from arzoo.tokenizers import MultiScaleVQTokenizer, VQTokenizer
@@ -215,21 +215,21 @@ def test_digits_recipe_fit_and_sample_command(tmp_path, monkeypatch, capsys, _pl
     monkeypatch.chdir(tmp_path)
     quick = ["--trainer.max_steps", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
              "--trainer.check_val_every_n_epoch", "1", "--data.init_args.batch_size", "8"]
-    main(["fit", "--config", str(ROOT / "recipes/digits/tokenizer_msvq.yaml"), *quick])
-    main(["fit", "--config", str(ROOT / "recipes/digits/next_scale.yaml"), *quick, "--model.init_args.depth", "1",
+    arzoo_run(["fit", "--config", str(ROOT / "recipes/digits/tokenizer_msvq.yaml"), *quick])
+    arzoo_run(["fit", "--config", str(ROOT / "recipes/digits/next_scale.yaml"), *quick, "--model.init_args.depth", "1",
           "--model.init_args.embed_dim", "32", "--model.init_args.num_heads", "2"])
     ckpt = tmp_path / "runs/digits/next_scale/last.ckpt"
     assert ckpt.is_file() and (tmp_path / "runs/digits/next_scale/version_0/samples.png").is_file()
     metrics = (tmp_path / "runs/digits/next_scale/version_0/metrics.csv").read_text()
     assert "val/loss" in metrics and "val/unigram_loss" in metrics
-    main(["sample", "--ckpt_path", str(ckpt), "--num", "10", "--cfg", "2.0", "--top_k", "10", "--top_p", "0.9",
+    arzoo_run(["sample", "--ckpt_path", str(ckpt), "--num", "10", "--cfg", "2.0", "--top_k", "10", "--top_p", "0.9",
           "--seed", "0", "--out", "grid.png"])
     out = capsys.readouterr().out
     assert "wrote 10 samples (next-scale, 7 forward passes each)" in out
     assert (tmp_path / "grid.png").is_file()
-    main(["sample", "--ckpt_path", str(ckpt), "--num", "2", "--options", '{"greedy": true}', "--out", "g.png"])
+    arzoo_run(["sample", "--ckpt_path", str(ckpt), "--num", "2", "--options", '{"greedy": true}', "--out", "g.png"])
     with pytest.raises(ValueError, match=r"options \['bogus'\] are not arguments of NextScaleGenerator.generate"):
-        main(["sample", "--ckpt_path", str(ckpt), "--num", "2", "--options", '{"bogus": 1}', "--out", "g.png"])
+        arzoo_run(["sample", "--ckpt_path", str(ckpt), "--num", "2", "--options", '{"bogus": 1}', "--out", "g.png"])
 
 
 # ---- ImageNet 256 recipes: parsed and built on the meta device (nothing trains) ---------------------
@@ -244,7 +244,7 @@ _PARSED: dict[str, dict] = {}
 def _parsed(size: str, capsys) -> dict:
     if size not in _PARSED:
         with pytest.raises(SystemExit) as exit_info:
-            main(["fit", "--config", str(RECIPES / f"var_{size}.yaml"), "--print_config"])
+            arzoo_run(["fit", "--config", str(RECIPES / f"var_{size}.yaml"), "--print_config"])
         assert exit_info.value.code == 0
         _PARSED[size] = yaml.safe_load(capsys.readouterr().out)
     return _PARSED[size]

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import arzoo
-from arzoo.cli import main
+from arzoo.cli import run as arzoo_run
 from arzoo.data import ImageDataModule
 from arzoo.generators import NextScaleGenerator, generator_config
 from arzoo.generators.next_scale import MVARTransformer
@@ -221,7 +221,7 @@ def _plain_argv(monkeypatch):
 
 def _print_config(path: Path, capsys) -> dict:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(path), "--print_config"])
+        arzoo_run(["fit", "--config", str(path), "--print_config"])
     assert exit_info.value.code == 0
     return yaml.safe_load(capsys.readouterr().out)
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import arzoo
-from arzoo.cli import main
+from arzoo.cli import run as arzoo_run
 from arzoo.data import ImageDataModule
 from arzoo.generators import RasterGenerator
 from arzoo.tokenizers import MultiScaleVQTokenizer, VQTokenizer
@@ -194,23 +194,23 @@ def test_digits_recipe_fit_and_sample_command(tmp_path, monkeypatch, capsys, _pl
     monkeypatch.chdir(tmp_path)
     quick = ["--trainer.max_steps", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
              "--trainer.check_val_every_n_epoch", "1"]
-    main(["fit", "--config", str(ROOT / "recipes/digits/tokenizer_vq.yaml"), *quick])
-    main(["fit", "--config", str(ROOT / "recipes/digits/raster.yaml"), *quick, "--model.init_args.dim", "32",
+    arzoo_run(["fit", "--config", str(ROOT / "recipes/digits/tokenizer_vq.yaml"), *quick])
+    arzoo_run(["fit", "--config", str(ROOT / "recipes/digits/raster.yaml"), *quick, "--model.init_args.dim", "32",
           "--model.init_args.n_layer", "1", "--model.init_args.n_head", "2"])
     ckpt = tmp_path / "runs/digits/raster/last.ckpt"
     assert ckpt.is_file() and (tmp_path / "runs/digits/raster/version_0/samples.png").is_file()
     metrics = (tmp_path / "runs/digits/raster/version_0/metrics.csv").read_text()
     assert "val/loss" in metrics and "val/unigram_loss" in metrics
 
-    main(["sample", "--ckpt_path", str(ckpt), "--num", "20", "--cfg", "2.0", "--top_k", "10", "--top_p", "0.9",
+    arzoo_run(["sample", "--ckpt_path", str(ckpt), "--num", "20", "--cfg", "2.0", "--top_k", "10", "--top_p", "0.9",
           "--seed", "0", "--out", "grid.png"])
     assert "wrote 20 samples" in capsys.readouterr().out
     with Image.open(tmp_path / "grid.png") as grid:
         width, height = grid.size
     assert height > 4 * width  # ten rows (one per class) of two samples
     with pytest.raises(ValueError, match="num must be a positive number of images, got 0"):
-        main(["sample", "--ckpt_path", str(ckpt), "--num", "0"])
+        arzoo_run(["sample", "--ckpt_path", str(ckpt), "--num", "0"])
     with pytest.raises(ValueError, match="class id 12 is out of range"):
-        main(["sample", "--ckpt_path", str(ckpt), "--labels", "[1, 12]"])
+        arzoo_run(["sample", "--ckpt_path", str(ckpt), "--labels", "[1, 12]"])
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
-        main(["sample", "--ckpt_path", str(tmp_path / "missing.ckpt")])
+        arzoo_run(["sample", "--ckpt_path", str(tmp_path / "missing.ckpt")])

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from arzoo.cli import main
+from arzoo.cli import run as arzoo_run
 from arzoo.data import ImageDataModule
 from arzoo.data.datasets import collate_images
 from arzoo.data.token_cache import TokenCacheDataset, collate_tokens
@@ -51,7 +51,7 @@ def cached(tmp_path_factory) -> dict:
     tok_path = save_tokenizer_checkpoint(tiny_vq(0), root / "vq.ckpt")
     config = root / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe(tok_path, hflip=True)))
-    main(["tokenize", "--config", str(config), "--out", str(root / "tokens"), "--batch_size", "512"])
+    arzoo_run(["tokenize", "--config", str(config), "--out", str(root / "tokens"), "--batch_size", "512"])
     return {"root": root, "tok_path": tok_path, "config": config, "cache": root / "tokens"}
 
 
@@ -85,14 +85,14 @@ def test_training_from_the_cache_gives_the_loss_of_training_from_images(cached):
 
 def test_fit_from_the_cache(cached):
     """`arzoo fit ... --data.init_args.token_cache DIR` trains from the cache (with flips) and validates on images."""
-    main(["fit", "--config", str(cached["config"]), "--data.init_args.token_cache", str(cached["cache"]),
+    arzoo_run(["fit", "--config", str(cached["config"]), "--data.init_args.token_cache", str(cached["cache"]),
           "--trainer.default_root_dir", str(cached["root"] / "fit")])
 
 
 def test_a_cache_from_another_tokenizer_is_refused(cached):
     other = save_tokenizer_checkpoint(tiny_vq(1), cached["root"] / "other.ckpt")
     with pytest.raises(ValueError, match="encoded by another tokenizer"):
-        main(["fit", "--config", str(cached["config"]), "--data.init_args.token_cache", str(cached["cache"]),
+        arzoo_run(["fit", "--config", str(cached["config"]), "--data.init_args.token_cache", str(cached["cache"]),
               "--model.init_args.tokenizer_path", str(other)])
 
 
@@ -104,11 +104,11 @@ def test_cache_mismatches_are_clear_errors(cached, tmp_path):
     # a cache without flips cannot feed a flipping data module
     config = tmp_path / "noflip.yaml"
     config.write_text(yaml.safe_dump(recipe(cached["tok_path"], hflip=False)))
-    main(["tokenize", "--config", str(config), "--out", str(tmp_path / "noflip"), "--batch_size", "512"])
+    arzoo_run(["tokenize", "--config", str(config), "--out", str(tmp_path / "noflip"), "--batch_size", "512"])
     with pytest.raises(ValueError, match="holds no flipped tokens"):
         ImageDataModule(image_size=16, hflip=True, token_cache=str(tmp_path / "noflip")).setup("fit")
     with pytest.raises(FileExistsError, match="add --overwrite"):
-        main(["tokenize", "--config", str(config), "--out", str(tmp_path / "noflip")])
+        arzoo_run(["tokenize", "--config", str(config), "--out", str(tmp_path / "noflip")])
 
 
 def test_tokenize_needs_a_generator_recipe(tmp_path):
@@ -116,4 +116,4 @@ def test_tokenize_needs_a_generator_recipe(tmp_path):
     config.write_text(yaml.safe_dump({"model": {"class_path": "arzoo.tokenizers.TokenizerModule", "init_args": {
         "tokenizer": {"class_path": "arzoo.tokenizers.VQTokenizer", "init_args": {"image_size": 16}}}}}))
     with pytest.raises(ValueError, match="needs a generator recipe"):
-        main(["tokenize", "--config", str(config), "--out", str(tmp_path / "out")])
+        arzoo_run(["tokenize", "--config", str(config), "--out", str(tmp_path / "out")])

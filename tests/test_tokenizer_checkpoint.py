@@ -39,7 +39,7 @@ def test_round_trip(make, kind, other, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["tok.ckpt"]  # no temp file left behind
 
     raw = torch.load(path, weights_only=True)
-    assert set(raw) == {"hyper_parameters", "state_dict"}
+    assert set(raw) == {"hyper_parameters", "state_dict", "arzoo_checksum"}  # the checksum is verified on load
     assert raw["hyper_parameters"]["tokenizer"] == tokenizer.spec()
     assert all(k.startswith("tokenizer.") for k in raw["state_dict"])
 
@@ -83,8 +83,8 @@ def test_failed_write_keeps_the_old_checkpoint_and_leaves_no_temp_file(error, tm
     written: list[Path] = []
 
     def failing_save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")  # part of the file, then the failure
-        written.append(Path(f))
+        f.write(b"PK\x03\x04 half a checkpoint")  # part of the file, then the failure
+        written.append(Path(f.name))
         raise error
 
     monkeypatch.setattr(torch, "save", failing_save)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from arzoo.cli import main
+from arzoo.cli import run as arzoo_run
 from arzoo.tokenizers import MultiScaleVQTokenizer, TokenizerModule, VQTokenizer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def _plain_argv(monkeypatch):
 @pytest.mark.parametrize("name", ["vq", "msvq"])
 def test_fit_writes_checkpoint_grid_and_reloads(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(RECIPES[name]), *QUICK])
+    arzoo_run(["fit", "--config", str(RECIPES[name]), *QUICK])
     run = tmp_path / f"runs/digits/tokenizer_{name}"
     logs = run / "version_0"
     assert (run / "last.ckpt").is_file() and (logs / "recon.png").is_file() and (logs / "config.yaml").is_file()
@@ -52,9 +52,9 @@ def test_fit_writes_checkpoint_grid_and_reloads(name, tmp_path, monkeypatch, cap
 
     # the other verbs, from the same recipe and checkpoint; a second run in the folder must not fail
     for verb in ("validate", "test", "predict"):
-        main([verb, "--config", str(RECIPES[name]), "--ckpt_path", str(run / "last.ckpt"), *EVAL])
+        arzoo_run([verb, "--config", str(RECIPES[name]), "--ckpt_path", str(run / "last.ckpt"), *EVAL])
     # a new fit in the same folder (config.yaml already there) works, and resumes from the checkpoint
-    main(["fit", "--config", str(RECIPES[name]), *QUICK, "--trainer.max_steps", "6",
+    arzoo_run(["fit", "--config", str(RECIPES[name]), *QUICK, "--trainer.max_steps", "6",
           "--ckpt_path", str(run / "last.ckpt")])
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 6
     assert (logs / "metrics.csv").read_text() == metrics  # later runs log elsewhere, nothing is deleted
@@ -84,13 +84,13 @@ def test_data_and_tokenizer_image_size_must_agree(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(RECIPES["vq"]), *QUICK, "--model.init_args.tokenizer.init_args.image_size", "16"]
     with pytest.raises(ValueError, match="image_size is 32 but the tokenizer was built for image_size 16"):
-        main(args)
+        arzoo_run(args)
 
 
 def test_print_config_resolves_interpolation(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(RECIPES["msvq"]), "--data.init_args.image_size", "64",
+        arzoo_run(["fit", "--config", str(RECIPES["msvq"]), "--data.init_args.image_size", "64",
               "--model.init_args.tokenizer.init_args.patch_nums", "[1,2,4,8,16]", "--print_config"])
     assert exit_info.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)

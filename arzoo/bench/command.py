@@ -180,7 +180,10 @@ def run_suite(suite_name: str, out: str | None = None, force: bool = False, devi
                     continue
             task = progress.add_task(f"evaluate {run.name} ({run.evaluation['num_samples']} samples)", total=None)
             load = load_average()
-            row = evaluate_generator(folder / "last.ckpt", data_config, run.evaluation, metrics, device, folder / "samples.png")
+            row = evaluate_generator(
+                folder / "last.ckpt", data_config, run.evaluation, metrics, device, folder / "samples.png",
+                (run.config.get("model") or {}).get("class_path"),
+            )
             row["val_unigram_loss"] = unigram.get(run.tokenizer) if run.tokenizer else row.get("val_unigram_loss")
             stats = _chain_stats(suite, run, train_stats)
             row.update(

@@ -8,13 +8,13 @@ and the held-out loss against the unigram baseline.
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from arzoo.class_paths import resolve_class
 from arzoo.data.image_grid import save_image_grid
 from arzoo.generators.base import BaseGenerator
 from arzoo.metrics import GenerativeMetrics
@@ -24,8 +24,7 @@ from arzoo.tokenizers.checkpoint import load_tokenizer
 
 def build_datamodule(data_config: dict[str, Any]) -> Any:
     """Instantiate the recipe's `data:` section (class_path + init_args)."""
-    module_name, _, class_name = data_config["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = resolve_class(data_config.get("class_path"), what="data class", trusted=True)  # the user's recipe names it
     return cls(**(data_config.get("init_args") or {}))
 
 
@@ -73,8 +72,11 @@ def evaluate_generator(
     metrics: GenerativeMetrics,
     device: str,
     grid_path: Path,
+    model_class_path: str | None = None,
 ) -> dict[str, Any]:
     """One leaderboard row's measurements for a trained generator checkpoint."""
+    if model_class_path:  # the suite's recipe names the class, so its module may be imported (a plugin paradigm)
+        resolve_class(model_class_path, what="generator class", base=BaseGenerator, trusted=True)
     model = BaseGenerator.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
     row: dict[str, Any] = {"paradigm": model.paradigm, "params": model.num_params()}
     row.update({f"val_{k}": v for k, v in validation_loss(model, build_datamodule(data_config)).items()})

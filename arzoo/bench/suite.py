@@ -26,24 +26,99 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 SUITES_DIR = Path("benchmarks/suites")
-EVALUATION_DEFAULTS: dict[str, Any] = {
-    "num_samples": 300,
-    "batch_size": 100,
-    "cfg": 2.0,
-    "temperature": 1.0,
-    "top_k": None,
-    "top_p": 1.0,
-    "seed": 0,
-    "feature": "digits",
-    "latency_batch": 16,
-}
+
+
+# The suite file's schema (OmegaConf structured configs): an unknown key or a value of the wrong type
+# is refused before anything trains, naming the suite, the entry and the key.
+@dataclass
+class BudgetSpec:
+    """`budget:` / `tokenizer_budget:` as written in a suite file."""
+
+    train_images: Optional[int] = None
+    wall_clock_s: Optional[float] = None
+
+
+@dataclass
+class EvaluationSpec:
+    """`evaluation:` (the suite's, or an entry's overrides of it)."""
+
+    num_samples: int = 300
+    batch_size: int = 100
+    cfg: float = 2.0
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: float = 1.0
+    seed: int = 0
+    feature: str = "digits"
+    latency_batch: int = 16
+
+
+@dataclass
+class TokenizerSpec:
+    """One entry of `tokenizers:`."""
+
+    recipe: str = MISSING
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EntrySpec:
+    """One entry of `entries:`."""
+
+    name: str = MISSING
+    recipe: str = MISSING
+    tokenizer: Optional[str] = None
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    evaluation: Dict[str, Any] = field(default_factory=dict)  # checked against EvaluationSpec once merged
+    init_from: Optional[str] = None
+    budget_share: float = 1.0
+    evaluate: bool = True
+
+
+@dataclass
+class SuiteSpec:
+    """The top level of a suite file."""
+
+    name: Optional[str] = None
+    budget: Dict[str, Any] = field(default_factory=dict)  # checked against BudgetSpec
+    tokenizer_budget: Optional[Dict[str, Any]] = None
+    evaluation: Dict[str, Any] = field(default_factory=dict)  # checked against EvaluationSpec
+    tokenizers: Dict[str, Any] = field(default_factory=dict)  # each checked against TokenizerSpec
+    entries: List[Any] = field(default_factory=list)  # each checked against EntrySpec
+
+
+EVALUATION_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(EvaluationSpec)}
+
+
+def _validated(schema: type, raw: Any, where: str) -> dict[str, Any]:
+    """`raw` merged onto `schema`'s defaults as a plain dict; a wrong key or type is one line naming `where`."""
+    known = [f.name for f in fields(schema)]
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where} must be a mapping of {', '.join(known)}; got {raw!r}")
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where} has unknown key {key!r}{hint}; known keys: {', '.join(known)}")
+    try:
+        conf = OmegaConf.merge(OmegaConf.structured(schema), dict(raw))
+        missing = sorted(OmegaConf.missing_keys(conf))
+        if missing:
+            raise ValueError(f"{where} has no {missing[0]!r}, which is required")
+        return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        message = str(getattr(err, "msg", None) or err).splitlines()[0]
+        raise ValueError(f"{where}: key {key!r}: {message}") from None
 
 
 @dataclass
@@ -56,13 +131,10 @@ class Budget:
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | None, what: str) -> "Budget":
         """Read `{train_images: N}` or `{wall_clock_s: S}` (exactly one)."""
-        raw = dict(raw or {})
-        unknown = set(raw) - {"train_images", "wall_clock_s"}
-        if unknown or len(raw) != 1:
-            raise ValueError(
-                f"{what} must set exactly one of train_images / wall_clock_s, got {raw or 'nothing'}"
-            )
-        budget = cls(**raw)
+        given = {k: v for k, v in _validated(BudgetSpec, raw or {}, what).items() if v is not None}
+        if len(given) != 1:
+            raise ValueError(f"{what} must set exactly one of train_images / wall_clock_s, got {dict(raw or {}) or 'nothing'}")
+        budget = cls(**given)
         value = budget.train_images if budget.train_images is not None else budget.wall_clock_s
         if not value or value <= 0:
             raise ValueError(f"{what} must be positive, got {raw}")
@@ -175,67 +247,64 @@ def _strip_run_location(config: dict[str, Any]) -> None:
 def load_suite(suite: str) -> Suite:
     """Parse and resolve a suite by name or path; every error names the suite and the entry."""
     path = resolve_suite_path(suite)
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not isinstance(raw, dict) or not raw.get("entries"):
+    try:
+        loaded = OmegaConf.load(path)
+        raw = OmegaConf.to_container(loaded, resolve=True)
+    except Exception as err:  # noqa: BLE001 - YAML and interpolation errors: one line naming the file
+        raise ValueError(f"suite {str(path)!r} could not be read: {str(err).splitlines()[0]}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"suite {str(path)!r} is not a mapping of settings (name, budget, tokenizers, entries)")
+    top = _validated(SuiteSpec, raw, f"suite {str(path)!r}")
+    if not top["entries"]:
         raise ValueError(f"suite {str(path)!r} has no `entries:` list")
-    name = str(raw.get("name", path.stem))
-    budget = Budget.parse(raw.get("budget"), f"{path}: budget")
-    tokenizer_budget = Budget.parse(raw.get("tokenizer_budget", raw.get("budget")), f"{path}: tokenizer_budget")
-    evaluation = {**EVALUATION_DEFAULTS, **(raw.get("evaluation") or {})}
-    unknown = set(evaluation) - set(EVALUATION_DEFAULTS)
-    if unknown:
-        raise ValueError(f"{path}: unknown evaluation setting(s) {sorted(unknown)}; known: {sorted(EVALUATION_DEFAULTS)}")
+    name = str(top["name"] or path.stem)
+    where = f"suite {name!r} ({path})"
+    budget = Budget.parse(raw.get("budget"), f"{where}: budget")
+    tokenizer_budget = Budget.parse(raw.get("tokenizer_budget", raw.get("budget")), f"{where}: tokenizer_budget")
+    evaluation = _validated(EvaluationSpec, raw.get("evaluation") or {}, f"{where}: evaluation")
 
     tokenizers: dict[str, Run] = {}
-    for tok_name, spec in (raw.get("tokenizers") or {}).items():
-        config = load_recipe(spec["recipe"], spec.get("overrides"))
+    for tok_name, tok_raw in (raw.get("tokenizers") or {}).items():
+        spec = _validated(TokenizerSpec, tok_raw, f"{where}: tokenizer {tok_name!r}")
+        config = load_recipe(spec["recipe"], spec["overrides"])
         _strip_run_location(config)
         tokenizer_budget.apply(config)
-        tokenizers[tok_name] = Run(tok_name, "tokenizer", spec["recipe"], config, overrides=dict(spec.get("overrides") or {}))
+        tokenizers[tok_name] = Run(tok_name, "tokenizer", spec["recipe"], config, overrides=dict(spec["overrides"]))
 
     entries: list[Run] = []
-    seen: set[str] = set()
-    for spec in raw["entries"]:
-        entry_name = spec.get("name")
-        if not entry_name or entry_name in seen:
-            raise ValueError(f"{path}: every entry needs a unique `name`, got {entry_name!r}")
-        seen.add(entry_name)
-        if "recipe" not in spec:
-            raise ValueError(f"{path}: entry {entry_name!r} has no `recipe`")
-        tok = spec.get("tokenizer")
+    for index, entry_raw in enumerate(raw["entries"]):
+        label = entry_raw.get("name") if isinstance(entry_raw, dict) else None
+        spec = _validated(EntrySpec, entry_raw, f"{where}: entry {label or index!r}")
+        entry_name = spec["name"]
+        if entry_name in {r.name for r in entries}:
+            raise ValueError(f"{where}: every entry needs a unique `name`, got {entry_name!r} twice")
+        entry_where = f"{where}: entry {entry_name!r}"
+        tok = spec["tokenizer"]
         if tok is not None and tok not in tokenizers:
-            raise ValueError(
-                f"{path}: entry {entry_name!r} uses tokenizer {tok!r}, but the suite defines {sorted(tokenizers)}"
-            )
-        unknown = set(spec) - {"name", "recipe", "tokenizer", "overrides", "evaluation", "init_from", "budget_share", "evaluate"}
-        if unknown:
-            raise ValueError(f"{path}: entry {entry_name!r} has unknown key(s) {sorted(unknown)}")
-        share = float(spec.get("budget_share", 1.0))
+            raise ValueError(f"{entry_where} uses tokenizer {tok!r}, but the suite defines {sorted(tokenizers)}")
+        share = spec["budget_share"]
         if not 0 < share <= 1:
-            raise ValueError(f"{path}: entry {entry_name!r} has budget_share {share}; expected a fraction in (0, 1]")
-        config = load_recipe(spec["recipe"], spec.get("overrides"))
+            raise ValueError(f"{entry_where} has budget_share {share}; expected a fraction in (0, 1]")
+        config = load_recipe(spec["recipe"], spec["overrides"])
         _strip_run_location(config)
         budget.apply(config, share)
-        init_from = spec.get("init_from")
+        init_from = spec["init_from"]
         if init_from is not None:
             earlier = {r.name: r for r in entries}
             if init_from not in earlier:
                 raise ValueError(
-                    f"{path}: entry {entry_name!r} starts from {init_from!r}, which is not an earlier entry "
-                    f"(earlier: {sorted(earlier)})"
+                    f"{entry_where} starts from {init_from!r}, which is not an earlier entry (earlier: {sorted(earlier)})"
                 )
             config["model"].setdefault("init_args", {})["init_from"] = f"entries/{earlier[init_from].folder_name}/last.ckpt"
         if tok is not None:  # the tokenizer run's checkpoint is decided by its hash, so this stays stable
             config["model"].setdefault("init_args", {})["tokenizer_path"] = f"tokenizers/{tokenizers[tok].folder_name}/last.ckpt"
-        entry_eval = dict(spec.get("evaluation") or {})
-        unknown = set(entry_eval) - set(EVALUATION_DEFAULTS)
-        if unknown:
-            raise ValueError(f"{path}: entry {entry_name!r} has unknown evaluation setting(s) {sorted(unknown)}")
+        entry_eval = dict(entry_raw.get("evaluation") or {})
+        merged = _validated(EvaluationSpec, {**evaluation, **entry_eval}, f"{entry_where}: evaluation")
         entries.append(
             Run(
                 entry_name, "generator", spec["recipe"], config, tokenizer=tok, init_from=init_from,
-                evaluate=bool(spec.get("evaluate", True)), evaluation={**evaluation, **entry_eval}, evaluation_overrides=entry_eval,
-                overrides=dict(spec.get("overrides") or {}),
+                evaluate=spec["evaluate"], evaluation=merged,
+                evaluation_overrides={k: merged[k] for k in entry_eval}, overrides=dict(spec["overrides"]),
             )
         )
     return Suite(name, path, budget, tokenizer_budget, tokenizers, entries, copy.deepcopy(raw))

@@ -14,7 +14,10 @@ from torch.utils.data import DataLoader, Subset
 from arzoo.data.datasets import ImageDataset, TensorImageDataset, collate_images, pil_to_tensor
 from arzoo.data.sampler import ResumableRandomSampler
 from arzoo.data.token_cache import TokenCacheDataset, collate_tokens
-from arzoo.data.sources import find_columns, load_digits_arrays, load_folder, load_hub, parse_source, seeded_split
+from arzoo.data.sources import (
+    find_columns, folder_label_note, load_digits_arrays, load_folder, load_hub, parse_source, seeded_split,
+)  # fmt: skip
+from arzoo.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,10 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0 (0: load in the main process), got {num_workers!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.source = source
         self.image_size = image_size
@@ -71,6 +78,10 @@ class ImageDataModule(L.LightningDataModule):
         self.token_cache = token_cache
         self.num_classes = 0
         self.class_names: list[str] = []
+        self.has_labels = True  # False when the source has no label column (images get label -1)
+        self.label_note: str | None = None  # why there are no labels, when arzoo can tell
+        self.images_read = {"train": 0, "eval": 0}  # readable images (or token rows) delivered so far
+        self.batches_read = {"train": 0, "eval": 0}  # batches delivered (a resumed, finished epoch delivers none)
         self.train_set: torch.utils.data.Dataset | None = None
         self.val_set: torch.utils.data.Dataset | None = None
         self.skipped: set[str] = set()
@@ -113,6 +124,9 @@ class ImageDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self.train_set, self.val_set, self.class_names = load_streaming(self, rank=rank, world_size=world)
+        self.has_labels = self.train_set.label_column is not None
+        if not self.has_labels and self.spec.kind == "folder":
+            self.label_note = folder_label_note(self.spec.target)
         if world > 1 and getattr(trainer, "max_steps", -1) in (-1, None):
             rank_zero_warn("streamed data under several ranks: set trainer.max_steps, or a rank that gets fewer "
                            "batches ends its epoch first and the others wait for it forever")
@@ -135,6 +149,9 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"{self.source!r} has no split {self.train_split!r}; it has {list(table)}")
         train = table[self.train_split]
         image_col, label_col = find_columns(train.features)
+        self.has_labels = label_col is not None
+        if not self.has_labels and self.spec.kind == "folder":
+            self.label_note = folder_label_note(self.spec.target)
         if label_col is not None and hasattr(train.features[label_col], "names"):
             self.class_names = list(train.features[label_col].names)
             self.num_classes = len(self.class_names)
@@ -211,12 +228,29 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Record unreadable images (in the main process, whatever the worker count) and drop the list."""
+        """Record unreadable images (in the main process, whatever the worker count) and drop the list;
+        count the readable ones (see `check_something_was_read`)."""
         for name in batch.pop("skipped", []):
             if name not in self.skipped:
                 self.skipped.add(name)
                 rank_zero_warn(f"skipping unreadable image {name}; {self.num_skipped} skipped so far")
+        rows = batch["tokens"] if "tokens" in batch else batch.get("image")
+        training = self.trainer is not None and self.trainer.training
+        split = "train" if training else "eval"
+        self.images_read[split] += 0 if rows is None else len(rows)
+        self.batches_read[split] += 1
         return batch
+
+    def check_something_was_read(self, split: str) -> None:
+        """Raise a DataError naming the source when a whole pass over `split` ("train" | "eval") read no image."""
+        if self.images_read[split] > 0 or self.batches_read[split] == 0:
+            return
+        example = f" (e.g. {sorted(self.skipped)[0]})" if self.skipped else ""
+        what = "training" if split == "train" else "validation"
+        raise DataError(
+            f"no {what} image of source {self.source!r} could be read: {self.num_skipped} unreadable image(s) "
+            f"skipped{example}; nothing was trained or saved"
+        )
 
     def teardown(self, stage: str) -> None:
         if self.skipped:

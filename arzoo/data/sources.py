@@ -77,6 +77,11 @@ def load_folder(path: str, streaming: bool = False) -> "Any":
     import datasets
 
     root = Path(path).expanduser()
+    if root.is_file():
+        raise NotADirectoryError(
+            f"image folder {str(root)!r} (from source 'folder:{path}') is a file; give the folder that holds "
+            f"one sub-folder of images per class"
+        )
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist (from source 'folder:{path}')")
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*") if p.is_file()):
@@ -85,6 +90,19 @@ def load_folder(path: str, streaming: bool = False) -> "Any":
             f"files, in sub-folders per class)"
         )
     return datasets.load_dataset("imagefolder", data_dir=str(root), streaming=streaming)
+
+
+def folder_label_note(path: str) -> str | None:
+    """Why a local image folder gives no class labels, when that is because it has one class sub-folder."""
+    root = Path(path).expanduser()
+    subfolders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    loose = root.is_dir() and any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
+    if len(subfolders) == 1 and not loose:
+        return (
+            f"image folder {str(root)!r} has a single class sub-folder ({subfolders[0]!r}), so its images carry "
+            f"no class labels; a class-conditional generator needs one sub-folder per class (at least two)"
+        )
+    return None
 
 
 def load_hub(name: str, streaming: bool = False) -> "Any":

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from arzoo.errors import CorruptFileError
+
 META_FILE = "token_cache.json"
 FORMAT_VERSION = 1
 
@@ -92,13 +94,56 @@ def read_token_cache_meta(path: str | Path) -> dict[str, Any]:
             f"token_cache {str(folder)!r} is not a token cache (no {META_FILE}); write one with "
             f"`arzoo tokenize --config <generator recipe> --out {folder}`"
         )
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(
+            f"token cache file {str(meta_path)!r} could not be read (cut or corrupt JSON: {err}); re-run `arzoo tokenize`"
+        ) from None
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"token cache file {str(meta_path)!r} is not a JSON object; re-run `arzoo tokenize`")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"token cache {str(folder)!r} has format version {meta.get('format_version')!r}, this arzoo reads "
             f"version {FORMAT_VERSION}; re-run `arzoo tokenize`"
         )
+    for key, kind in (("num_rows", int), ("flips", bool), ("vocab_size", int)):
+        if not isinstance(meta.get(key), kind):
+            raise CorruptFileError(
+                f"token cache file {str(meta_path)!r} has {key}={meta.get(key)!r}, expected a {kind.__name__}; "
+                f"re-run `arzoo tokenize`"
+            )
     return meta
+
+
+def check_table(table: Any, meta: dict[str, Any], path: Path) -> None:
+    """Refuse a table that does not match its `token_cache.json`: row count, ragged rows, ids outside the vocabulary."""
+    import pyarrow.compute as pc
+
+    if len(table) != meta["num_rows"]:
+        raise CorruptFileError(
+            f"token cache {str(path)!r} holds {len(table)} rows, but its {META_FILE} says {meta['num_rows']}; "
+            f"re-run `arzoo tokenize`"
+        )
+    if len(table) == 0:
+        raise CorruptFileError(f"token cache {str(path)!r} holds no rows; re-run `arzoo tokenize` on readable images")
+    for column in ("tokens", "tokens_flip") if meta["flips"] else ("tokens",):
+        lists = table.data.column(column)
+        lengths = pc.list_value_length(lists)
+        shortest, longest = pc.min(lengths).as_py(), pc.max(lengths).as_py()
+        if shortest != longest:
+            raise CorruptFileError(
+                f"token cache {str(path)!r}: rows of column {column!r} hold {shortest} to {longest} tokens; "
+                f"every image must have the same number"
+            )
+        values = pc.list_flatten(lists)
+        low, high = pc.min(values).as_py(), pc.max(values).as_py()
+        if low < 0 or high >= meta["vocab_size"]:
+            bad = high if high >= meta["vocab_size"] else low
+            raise CorruptFileError(
+                f"token cache {str(path)!r} holds token id {bad} in column {column!r}, outside the tokenizer's "
+                f"vocabulary [0, {meta['vocab_size']}); the cache is corrupt or from another tokenizer: re-run `arzoo tokenize`"
+            )
 
 
 def check_cache_matches(meta: dict[str, Any], path: str | Path, **expected: Any) -> None:
@@ -138,7 +183,15 @@ class TokenCacheDataset(torch.utils.data.Dataset):
             )
         self.hflip = hflip
         columns = ["tokens", "label"] + (["tokens_flip"] if hflip else [])
-        self.table = datasets.load_from_disk(str(self.path)).with_format("torch", columns=columns)
+        try:
+            table = datasets.load_from_disk(str(self.path))
+        except Exception as err:  # noqa: BLE001 - arrow/JSON errors of a damaged folder: one line naming it
+            raise CorruptFileError(
+                f"token cache {str(self.path)!r} could not be read ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                f"re-run `arzoo tokenize`"
+            ) from None
+        check_table(table, self.meta, self.path)
+        self.table = table.with_format("torch", columns=columns)
 
     def __len__(self) -> int:
         return len(self.table)

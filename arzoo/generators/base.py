@@ -32,7 +32,6 @@ A new ordering of an existing family (say a column-major raster) only overrides 
 
 from __future__ import annotations
 
-import importlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping
@@ -43,9 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from arzoo.checkpoint_io import read_checkpoint
+from arzoo.checkpoint_io import check_state_dict_fits, load_state_dict_checked, read_checkpoint
+from arzoo.class_paths import check_class_paths, class_path_of, resolve_class
 from arzoo.generators.sampling import SamplingConfig, guide, sample_tokens
-from arzoo.optim import warmup_cosine_scheduler
+from arzoo.optim import check_optimizer_args, warmup_cosine_scheduler
 from arzoo.tokenizers.base import Tokenizer, build_tokenizer, resolve_tokenizer_class
 from arzoo.tokenizers.checkpoint import load_tokenizer
 
@@ -78,6 +78,7 @@ class BaseGenerator(L.LightningModule):
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables EMA), got {ema_decay}")
+        check_optimizer_args(lr, betas, weight_decay, warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
@@ -97,7 +98,7 @@ class BaseGenerator(L.LightningModule):
 
     def _load_tokenizer(self, path: str | None, spec: Mapping | None) -> Tokenizer | None:
         if spec is not None:
-            cls = resolve_tokenizer_class(spec["class_path"])
+            cls = resolve_tokenizer_class(spec.get("class_path") if isinstance(spec, Mapping) else spec)
             if not issubclass(cls, self.tokenizer_kind):
                 raise TypeError(f"{type(self).__name__} needs a {self.tokenizer_kind.__name__}, got {cls.__name__}")
             tokenizer = build_tokenizer(spec).freeze()
@@ -343,6 +344,25 @@ class BaseGenerator(L.LightningModule):
         probs = (counts + 1) / (counts.sum() + self.vocab_size)
         return -probs.log()[tokens_BN.reshape(-1)].mean()
 
+    def setup(self, stage: str) -> None:
+        """Before fitting or evaluating: the data must carry the class labels this generator is conditioned on."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        if getattr(datamodule, "has_labels", True) is False:
+            raise ValueError(
+                getattr(datamodule, "label_note", None)
+                or f"the data ({getattr(datamodule, 'source', type(datamodule).__name__)}) has no class labels, but "
+                f"{type(self).__name__} is class-conditional; use a labelled source (digits, or a folder with one "
+                f"sub-folder per class)"
+            )
+        data_classes = int(getattr(datamodule, "num_classes", 0) or 0)
+        if data_classes > self.num_classes:
+            raise ValueError(
+                f"the data has {data_classes} classes but {type(self).__name__} has num_classes={self.num_classes}; "
+                f"set model.init_args.num_classes: {data_classes}"
+            )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         return self._shared_step(batch, "train")
 
@@ -452,8 +472,7 @@ class BaseGenerator(L.LightningModule):
     # ---- checkpoints -----------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cls = type(self)
-        checkpoint[CLASS_KEY] = f"{cls.__module__}.{cls.__qualname__}"
+        checkpoint[CLASS_KEY] = class_path_of(type(self))
 
     def run_dir(self) -> Path:
         """The folder this run writes into (the logger's version folder, else the trainer's root)."""
@@ -474,26 +493,40 @@ class BaseGenerator(L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any) -> "BaseGenerator":
-        """Load any generator checkpoint; on the base class this returns the concrete subclass."""
+        """Load any generator checkpoint; on the base class this returns the concrete subclass.
+
+        The class the checkpoint names is used only if it is arzoo's or already imported (a file
+        never makes arzoo import a module, see `arzoo.class_paths`); keyword arguments override the
+        saved constructor arguments. Weights must fit exactly.
+        """
+        source = str(checkpoint_path)
         ckpt = read_checkpoint(checkpoint_path, "generator checkpoint")
-        target = cls
-        class_path = ckpt.get(CLASS_KEY) or (ckpt.get("hyper_parameters") or {}).get("_class_path")
-        if isinstance((ckpt.get("hyper_parameters") or {}).get("tokenizer"), dict) and ckpt.get(CLASS_KEY) is None:
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"generator checkpoint {source!r} holds a {type(ckpt).__name__}, expected a checkpoint dict")
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        class_path = ckpt.get(CLASS_KEY) or hparams.get("_class_path")
+        if isinstance(hparams.get("tokenizer"), dict) and ckpt.get(CLASS_KEY) is None:
             raise ValueError(
-                f"{str(checkpoint_path)!r} is a tokenizer checkpoint, but a generator checkpoint is needed here "
+                f"{source!r} is a tokenizer checkpoint, but a generator checkpoint is needed here "
                 f"(e.g. runs/digits/raster/last.ckpt); a tokenizer checkpoint goes in a generator's tokenizer_path"
             )
         if class_path is None:
-            raise ValueError(f"{str(checkpoint_path)!r} is not an arzoo generator checkpoint (no {CLASS_KEY!r} entry)")
-        module_name, _, name = str(class_path).rpartition(".")
-        try:
-            found = getattr(importlib.import_module(module_name), name)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"generator class {class_path!r} of {str(checkpoint_path)!r} cannot be imported") from err
-        if not (isinstance(found, type) and issubclass(found, BaseGenerator)):
-            raise ValueError(f"{class_path!r} in {str(checkpoint_path)!r} is not an arzoo generator class")
-        if not issubclass(found, cls):
-            raise TypeError(f"{str(checkpoint_path)!r} holds a {found.__name__}, not a {cls.__name__}")
-        target = found
-        loader = super(BaseGenerator, target).load_from_checkpoint.__func__  # LightningModule's
-        return loader(target, checkpoint_path, map_location=map_location or "cpu", weights_only=True, **kwargs)
+            raise ValueError(f"{source!r} is not an arzoo generator checkpoint (no {CLASS_KEY!r} entry)")
+        target = resolve_class(class_path, what="generator class", source=source, base=BaseGenerator)
+        if not issubclass(target, cls):
+            raise TypeError(f"{source!r} holds a {target.__name__}, not a {cls.__name__}")
+        init_args = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+        check_class_paths(init_args, source=source)
+        init_args.update(kwargs)
+        state = ckpt.get("state_dict")
+        if not isinstance(state, Mapping):
+            raise ValueError(f"generator checkpoint {source!r} has no state_dict")
+        model = target(**init_args)
+        model.on_load_checkpoint(ckpt)
+        load_state_dict_checked(model, state, f"generator checkpoint {source!r}")
+        return model.to(map_location or "cpu").eval()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, weights that do not fit this network (e.g. `--ckpt_path` of another size)."""
+        if isinstance(checkpoint.get("state_dict"), Mapping):
+            check_state_dict_fits(self, checkpoint["state_dict"], "the checkpoint's state_dict")

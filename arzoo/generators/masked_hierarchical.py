@@ -440,6 +440,7 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
     def setup(self, stage: str) -> None:
         """Stage 2, when fitting starts: the weights of `init_from`, the mask branch copied from the
         next-scale one (a resumed run then restores its own checkpoint over these)."""
+        super().setup(stage)
         if stage != "fit" or self.stage != 2 or self._initialised:
             return
         if self.hparams.get("init_from") is None:

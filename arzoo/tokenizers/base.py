@@ -12,13 +12,14 @@ checkpoint without unpickling anything.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from arzoo.class_paths import resolve_class
 
 
 @dataclass
@@ -127,21 +128,18 @@ def check_image_size(image_size: int, downsample: int, owner: str) -> None:
         )
 
 
-def resolve_tokenizer_class(class_path: str) -> type[Tokenizer]:
-    """Import `class_path` and check that it names a Tokenizer subclass (nothing else is built)."""
-    if not isinstance(class_path, str) or "." not in class_path:
-        raise ValueError(f"tokenizer spec needs a dotted 'class_path', got {class_path!r}")
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"tokenizer class {class_path!r} cannot be imported: {err}") from err
-    if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
-        raise ValueError(f"{class_path!r} is not a subclass of arzoo.tokenizers.Tokenizer")
-    return cls
+def resolve_tokenizer_class(class_path: str, source: str | None = None) -> type[Tokenizer]:
+    """The Tokenizer subclass `class_path` names (nothing is built). A spec read from a file
+    (`source`) names arzoo's or an already imported class only (`arzoo.class_paths`)."""
+    return resolve_class(class_path, what="tokenizer class", source=source or "a tokenizer spec", base=Tokenizer)
 
 
-def build_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
+def build_tokenizer(spec: Mapping[str, Any], source: str | None = None) -> Tokenizer:
     """Build a tokenizer from its `spec()` (class_path + init_args)."""
-    cls = resolve_tokenizer_class(spec.get("class_path"))
-    return cls(**dict(spec.get("init_args") or {}))
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"a tokenizer spec must be a mapping with class_path and init_args, got {type(spec).__name__}")
+    cls = resolve_tokenizer_class(spec.get("class_path"), source)
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, Mapping):
+        raise ValueError(f"tokenizer spec init_args must be a mapping, got {type(init_args).__name__}")
+    return cls(**dict(init_args))

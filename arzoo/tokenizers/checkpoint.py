@@ -10,14 +10,10 @@ tokenizer built in Python, e.g. from official weights, into such a checkpoint:
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
-import torch
-
-from arzoo.checkpoint_io import read_checkpoint
-from arzoo.tokenizers.base import Tokenizer, resolve_tokenizer_class
+from arzoo.checkpoint_io import atomic_torch_save, load_state_dict_checked, read_checkpoint
+from arzoo.tokenizers.base import Tokenizer, build_tokenizer, resolve_tokenizer_class
 
 
 def load_tokenizer(path: str | Path, expected: type[Tokenizer] | None = None) -> Tokenizer:
@@ -39,16 +35,16 @@ def load_tokenizer(path: str | Path, expected: type[Tokenizer] | None = None) ->
             f"train one with `arzoo fit --config recipes/<data>/tokenizer_*.yaml`, or convert official "
             f"weights with arzoo.interop.llamagen.load_vq_tokenizer / arzoo.interop.var.load_vqvae"
         )
-    cls = resolve_tokenizer_class(spec["class_path"])
+    cls = resolve_tokenizer_class(spec["class_path"], source=str(path))
     if expected is not None and not issubclass(cls, expected):
         raise TypeError(
             f"{str(path)!r} holds a {cls.__name__}, but a {expected.__name__} is required here "
             f"(train the matching tokenizer recipe, or point to its checkpoint)"
         )
-    tokenizer = cls(**dict(spec.get("init_args") or {}))
+    tokenizer = build_tokenizer(spec, source=str(path))
     prefix = "tokenizer."
     state = {k[len(prefix) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
-    tokenizer.load_state_dict(state)
+    load_state_dict_checked(tokenizer, state, f"tokenizer checkpoint {str(path)!r}")
     return tokenizer.freeze()
 
 
@@ -68,14 +64,4 @@ def save_tokenizer_checkpoint(tokenizer: Tokenizer, path: str | Path) -> Path:
         "hyper_parameters": {"tokenizer": tokenizer.spec()},
         "state_dict": {f"tokenizer.{k}": v.detach().cpu() for k, v in tokenizer.state_dict().items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a unique name next to the target (same file system, so os.replace is atomic); created by
-    # torch.save with the usual permissions, unlike mkstemp's owner-only ones
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_torch_save(checkpoint, path)

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from arzoo.checkpoint_io import check_state_dict_fits
 from arzoo.data.image_grid import save_image_grid
 from arzoo.metrics.codebook import CodebookUsage
-from arzoo.optim import warmup_cosine_scheduler
+from arzoo.optim import check_optimizer_args, warmup_cosine_scheduler
 from arzoo.tokenizers.base import Tokenizer, build_tokenizer
 
 
@@ -41,6 +42,7 @@ class TokenizerModule(L.LightningModule):
             tokenizer = build_tokenizer(tokenizer)
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"tokenizer must be an arzoo Tokenizer, got {type(tokenizer).__name__}")
+        check_optimizer_args(lr, betas, weight_decay, warmup_steps, min_lr_ratio)
         if rec_loss not in ("l1", "l2", "l1+l2"):
             raise ValueError(f"rec_loss must be 'l1', 'l2' or 'l1+l2', got {rec_loss!r}")
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -60,6 +62,11 @@ class TokenizerModule(L.LightningModule):
                 f"the data's image_size is {data_size} but the tokenizer was built for image_size "
                 f"{self.tokenizer.image_size}; set both to the same value in the recipe"
             )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, weights that do not fit this tokenizer (e.g. `--ckpt_path` of another size)."""
+        if isinstance(checkpoint.get("state_dict"), Mapping):
+            check_state_dict_fits(self, checkpoint["state_dict"], "the checkpoint's state_dict")
 
     def reconstruction_loss(self, recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """The configured pixel loss."""

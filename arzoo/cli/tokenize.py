@@ -27,7 +27,7 @@ def parse_recipe(config: str, overrides: list[str]) -> tuple[Any, Any]:
     """(model config namespace, instantiated data module) of a recipe, parsed as `arzoo fit` parses it."""
     import lightning as L
 
-    from arzoo.cli import ArzooCLI, ArzooTrainer
+    from arzoo.cli.lightning_cli import ArzooCLI, ArzooTrainer
 
     class RecipeOnly(ArzooCLI):
         """Parses and builds the data module only: no model, trainer, callbacks or loggers."""
@@ -56,15 +56,13 @@ def parse_recipe(config: str, overrides: list[str]) -> tuple[Any, Any]:
 
 def load_recipe_tokenizer(model_config: Any, recipe: str) -> Any:
     """The frozen tokenizer a generator recipe trains over, loaded as the generator loads it."""
-    import importlib
-
+    from arzoo.class_paths import resolve_class
     from arzoo.generators.base import BaseGenerator
     from arzoo.tokenizers.checkpoint import load_tokenizer
 
     class_path = getattr(model_config, "class_path", None)
-    module_name, _, name = str(class_path).rpartition(".")
-    cls = getattr(importlib.import_module(module_name), name, None) if module_name else None
-    if not (isinstance(cls, type) and issubclass(cls, BaseGenerator)):
+    cls = resolve_class(class_path, what="model class", trusted=True)  # the user's own recipe
+    if not issubclass(cls, BaseGenerator):
         raise ValueError(
             f"arzoo tokenize needs a generator recipe; {recipe!r} trains {class_path!r} "
             f"(tokenizer recipes have nothing to cache)"

@@ -1,4 +1,4 @@
-"""`arzoo sample`: images from a trained generator checkpoint, as one PNG grid."""
+"""`arzoo sample`: images from a trained generator checkpoint, as one image grid."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def sample(
 ) -> Path:
     """Sample `num` images from a generator checkpoint and save them as a grid (one row per class).
 
+    With `num` not a multiple of the class count the first classes get one image more and the other
+    rows are padded with blanks; with fewer images than classes the grid is one row.
+
     Args:
         ckpt_path: a generator checkpoint written by `arzoo fit` (e.g. runs/digits/raster/last.ckpt).
         num: number of images; for class-conditional models they are spread evenly over the classes.
@@ -33,7 +36,7 @@ def sample(
         top_k: keep only the k most likely tokens (None: all).
         top_p: nucleus sampling threshold in (0, 1] (1: off).
         seed: seed of the sampling generator; the same seed gives the same grid.
-        out: PNG file to write.
+        out: image file to write; its extension picks the format (.png, .jpg, .webp, ...).
         labels: explicit class ids, one per image (overrides the even spread; `num` is then ignored).
         use_ema: sample with the EMA weights when the model has them.
         device: torch device to sample on.
@@ -43,7 +46,7 @@ def sample(
     """
     import inspect
 
-    from arzoo.data.image_grid import save_image_grid
+    from arzoo.data.image_grid import check_image_path, save_image_grid
     from arzoo.generators.base import BaseGenerator
     from arzoo.metrics.meters import counting_calls
 
@@ -53,11 +56,16 @@ def sample(
         raise ValueError("labels must list at least one class id (e.g. --labels '[3, 7]'), got []")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    check_image_path(out, what="--out")  # before any sampling work
     model = BaseGenerator.load_from_checkpoint(ckpt_path).to(device).eval()
+    rows: list[int] | None = None  # images per grid row, one row per class
     if labels is None:
-        per_class = max(1, num // model.num_classes) if num >= model.num_classes else 1
-        labels = [min(i // per_class, model.num_classes - 1) for i in range(num)]
-        nrow = per_class if num >= model.num_classes else num
+        if num >= model.num_classes:
+            rows = [num // model.num_classes + (c < num % model.num_classes) for c in range(model.num_classes)]
+            labels = [c for c, count in enumerate(rows) for _ in range(count)]
+            nrow = max(rows)
+        else:
+            labels, nrow = list(range(num)), num
     else:
         nrow = min(len(labels), 8)
     options = dict(options or {})
@@ -75,10 +83,22 @@ def sample(
         images = torch.cat(
             [model.sample_images(label_t[i : i + batch_size], generator=generator, **kwargs).cpu() for i in batches]
         )
-    path = save_image_grid(images, out, nrow=nrow, upscale=max(1, 64 // images.shape[-1]))
+    grid = images if rows is None else pad_rows(images, rows, nrow)
+    path = save_image_grid(grid, out, nrow=nrow, upscale=max(1, 64 // images.shape[-1]))
     steps = calls[0] / len(batches)
     print(f"wrote {len(images)} samples ({model.paradigm}, {steps:g} forward passes each) to {path}")
     return path
+
+
+def pad_rows(images_NCHW: torch.Tensor, rows: list[int], width: int) -> torch.Tensor:
+    """Images laid out `rows[i]` to a row, each row padded to `width` with blank (white) images."""
+    blank = torch.ones_like(images_NCHW[:1])
+    out, start = [], 0
+    for count in rows:
+        out.append(images_NCHW[start : start + count])
+        out.extend([blank] * (width - count))
+        start += count
+    return torch.cat(out)
 
 
 def main(args: list[str]) -> None:
