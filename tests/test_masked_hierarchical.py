@@ -97,17 +97,18 @@ def test_sampling_equals_teacher_forcing_and_keeps_no_cache(msvq_path):
     of the coarser scales; each mask step the mask branch on that step's tokens and mask."""
     model = _model(msvq_path).eval()
     labels = torch.tensor([3, 7])
-    tokens = model.generate(labels, top_k=4, generator=torch.Generator().manual_seed(0), trace=True, refine=True)
+    state = model.run_sampling(labels, top_k=4, generator=torch.Generator().manual_seed(0), trace=True, refine=True)
+    tokens, trace = state.conditional_tokens(), state.carry["trace"]
     assert model.stage == 1  # stage 1 refines only when asked: its mask branch is untrained
     assert all(not block.attn.caching for block in (*model.net.base_blocks, *model.net.ns_blocks))
     teacher = model.teacher_forcing(tokens, labels)
-    for scale in model.last_trace:
+    for scale in trace:
         begin, end = model.net.begin_ends[scale["si"]]
         assert torch.equal(scale["final_tokens"], tokens[:, begin:end])
         torch.testing.assert_close(scale["steps"][0]["logits_cfg"], teacher[:, begin:end], atol=1e-5, rtol=1e-5)
-    kinds = [[s["kind"] for s in scale["steps"]] for scale in model.last_trace]
+    kinds = [[s["kind"] for s in scale["steps"]] for scale in trace]
     assert kinds == [["ns"], ["ns", "mask"], ["ns", "mask", "mask", "mask"], ["ns"]]
-    refined = model.last_trace[2]
+    refined = trace[2]
     assert sorted(refined["finalized_at_step"][0].tolist()) == [0, 1, 2, 2, 3, 3, 3, 3, 3]  # [1, 1, 2, 5]
 
 
@@ -115,19 +116,20 @@ def test_mask_schedule_is_a_sampling_argument(msvq_path):
     model = _model(msvq_path, stage=2).eval()
     labels = torch.tensor([0, 1, 2])
 
-    def run(**kwargs) -> torch.Tensor:
-        return model.generate(labels, cfg=2.0, top_k=8, generator=torch.Generator().manual_seed(1), trace=True,
-                              **kwargs)  # fmt: skip
+    def run(**kwargs) -> tuple[torch.Tensor, list]:
+        state = model.run_sampling(labels, cfg=2.0, top_k=8, generator=torch.Generator().manual_seed(1), trace=True,
+                                   **kwargs)  # fmt: skip
+        return state.conditional_tokens(), state.carry["trace"]
 
-    plain = run(refine=False)
-    assert all(len(s["steps"]) == 1 for s in model.last_trace)
-    assert torch.equal(run(mask_schedule=[[1], [4], [9], [16]]), plain)  # one step per scale: no refinement
-    run(mask_schedule=[[1], [2, 1, 1], [3, 6], [4, 4, 4, 4]])
-    assert [len(s["steps"]) for s in model.last_trace] == [1, 3, 2, 4]
+    plain, trace = run(refine=False)
+    assert all(len(s["steps"]) == 1 for s in trace)
+    assert torch.equal(run(mask_schedule=[[1], [4], [9], [16]])[0], plain)  # one step per scale: no refinement
+    _, trace = run(mask_schedule=[[1], [2, 1, 1], [3, 6], [4, 4, 4, 4]])
+    assert [len(s["steps"]) for s in trace] == [1, 3, 2, 4]
     with counting_calls(model, "forward_step") as calls:  # every network pass, sub-steps included
         run(mask_schedule=[[1], [2, 1, 1], [3, 6], [4, 4, 4, 4]])
     assert calls[0] == 1 + 3 + 2 + 4
-    for step in model.last_trace[3]["steps"][1:]:
+    for step in trace[3]["steps"][1:]:
         assert step["idx_to_mask_in"].shape[1] in (12, 8, 4)
     with pytest.raises(ValueError, match=r"mask_schedule\[2\].*sum to the 3x3"):
         run(mask_schedule=[[1], [4], [4, 4], [16]])
@@ -171,12 +173,14 @@ def test_stage_two_loss_counts_only_masked_positions(msvq_path):
     model = _model(msvq_path, stage=2).eval()
     tokens = torch.randint(0, 32, (2, 30))
     torch.manual_seed(3)
-    logits = model.teacher_forcing(tokens, torch.tensor([0, 1]))
-    masked = model._loss_mask
+    masked = torch.nn.functional.pad(model.draw_training_mask("cpu"), (1, 0))
+    logits = model.teacher_forcing(tokens, torch.tensor([0, 1]), masked[1:])
     assert masked.shape == (30,) and not masked[0] and masked[1:5].sum() == 2  # validation: p = 0.5 -> ceil(2)
     assert masked[5:14].sum() == 5 and masked[14:].sum() == 8
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
-    torch.testing.assert_close(model.token_loss(logits, tokens), ce[:, masked].mean())
+    torch.testing.assert_close(model.token_loss(logits, tokens, loss_mask=masked), ce[:, masked].mean())
+    torch.manual_seed(3)  # the training loss draws the same mask
+    torch.testing.assert_close(model.sequence_loss(tokens, torch.tensor([0, 1])), ce[:, masked].mean())
 
 
 def test_errors(msvq_path):

@@ -83,15 +83,13 @@ def test_cached_sampling_steps_equal_teacher_forcing(msvq_path):
     model = NextScaleGenerator(tokenizer_path=str(msvq_path), **TINY_NET).eval()
     recorded = []
     original = model.logits_to_tokens
-    model.logits_to_tokens = lambda lg, step, s, g: recorded.append(lg.clone()) or original(lg, step, s, g)
+    model.logits_to_tokens = lambda lg, state: recorded.append(lg.clone()) or original(lg, state)
     tokens = model.generate([3, 5], generator=torch.Generator().manual_seed(0))
     del model.logits_to_tokens
     logits = model.teacher_forcing(tokens, torch.tensor([3, 5]))
     torch.testing.assert_close(torch.cat(recorded, dim=1), logits, atol=1e-5, rtol=1e-5)
-    # step_inputs outside generate() rebuild each scale's input from the tokens
-    for step in range(1, model.num_steps):
-        begin, end = model.net.begin_ends[step]
-        assert model.step_inputs(tokens, step).shape == (2, end - begin, model.codebook_dim)
+    # teacher_inputs: every scale's input (all but the first) from the tokens
+    assert model.teacher_inputs(tokens).shape == (2, model.num_tokens - model.first_l, model.codebook_dim)
 
 
 def test_var_filters():
@@ -139,8 +137,9 @@ def test_trains_samples_and_reloads(msvq_path, tmp_path):
     images = model.sample_images([0, 9], cfg=3.0, top_k=16, generator=torch.Generator().manual_seed(1))
     assert images.shape == (2, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
     model.more_smooth = True  # Gumbel-softmax codes: the image is decoded from the smooth f_hat
-    smooth = model.sample_images([0, 9], cfg=3.0, generator=torch.Generator().manual_seed(1))
-    assert smooth.shape == (2, 3, 16, 16) and model.last_f_hat.shape == (2, 8, 4, 4)
+    state = model.run_sampling([0, 9], cfg=3.0, generator=torch.Generator().manual_seed(1))
+    smooth = model.decode_state(state)
+    assert smooth.shape == (2, 3, 16, 16) and state.carry["f_hat"].shape == (2, 8, 4, 4)
     with pytest.raises(ValueError, match="more_smooth .* cannot be combined with greedy"):
         model.generate([1], greedy=True)
     model.more_smooth = False

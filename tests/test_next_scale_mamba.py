@@ -114,8 +114,8 @@ def test_cached_sampling_steps_equal_teacher_forcing(msvq_path, cfg, monkeypatch
     recorded: list[torch.Tensor] = []  # the network's logits of every row, before guidance
     original = model.forward_step
 
-    def recording(inputs, labels, step):
-        recorded.append(original(inputs, labels, step).clone())
+    def recording(inputs, state):
+        recorded.append(original(inputs, state).clone())
         return recorded[-1]
 
     monkeypatch.setattr(model, "forward_step", recording)
@@ -184,9 +184,10 @@ def test_trains_samples_and_reloads(msvq_path, tmp_path):
     assert draw(0, cfg=2.0).shape == (3, 21)
     assert torch.equal(draw(0, top_k=8, top_p=0.9), draw(0, top_k=8, top_p=0.9))
     assert model.generate([4], greedy=True).shape == (1, 21)
-    images = model.sample_images([0, 9], cfg=3.0, top_k=16, generator=torch.Generator().manual_seed(1))
+    state = model.run_sampling([0, 9], cfg=3.0, top_k=16, generator=torch.Generator().manual_seed(1))
+    images = model.decode_state(state)
     assert images.shape == (2, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
-    assert model.last_f_hat.shape == (2, 8, 4, 4)
+    assert state.carry["f_hat"].shape == (2, 8, 4, 4)
 
     path = tmp_path / "mvar.ckpt"
     trainer.save_checkpoint(path)

@@ -114,7 +114,7 @@ def test_training_key_maps(fixture: dict) -> None:
 
 def test_next_scale_branch_logits_and_lognorm_loss(fixture: dict, gen: MaskedHierarchicalGenerator) -> None:
     train, tokens = fixture["train"], _tokens(fixture)
-    inputs = gen.step_inputs(tokens, None)  # upstream's idxBl_to_ns_input (VAR's teacher-forcing input)
+    inputs = gen.teacher_inputs(tokens)  # upstream's idxBl_to_ns_input (VAR's teacher-forcing input)
     torch.testing.assert_close(inputs, train["x_BLCv_wo_first_l"], atol=1e-6, rtol=0)
     assert gen.stage == 2  # an inference checkpoint: both branches trained
     gen.stage = 1  # the next-scale branch's training forward and loss
@@ -133,21 +133,22 @@ def test_mask_branch_logits_and_loss(fixture: dict, gen: MaskedHierarchicalGener
     masked = _masked(fixture)
     logits = gen.net.forward_mask(train["label_B"], x_ns, x_own, masked[None])
     torch.testing.assert_close(logits, train["logits_mask"], **LOGITS)
-    gen.stage, gen._loss_mask = 2, F.pad(masked, (1, 0))  # the mask teacher_forcing would have drawn
-    loss = gen.token_loss(logits, tokens)
+    gen.stage = 2
+    loss = gen.token_loss(logits, tokens, loss_mask=F.pad(masked, (1, 0)))  # over the masked positions
     torch.testing.assert_close(loss, train["loss_mask"], **LOSS)
 
 
 def test_greedy_generation_trace_step_by_step(fixture: dict, gen: MaskedHierarchicalGenerator) -> None:
     run = fixture["greedy"]
-    tokens = gen.generate(
+    state = gen.run_sampling(
         run["label_B"], cfg=1.0 + run["cfg"], top_k=run["top_k"], top_p=run["top_p"] or 1.0,
         generator=torch.Generator().manual_seed(run["g_seed"]), mask_schedule=run["mask_schedule"], trace=True,
     )  # fmt: skip
-    assert torch.equal(tokens, torch.cat(run["tokens"], dim=1))
-    torch.testing.assert_close(gen.last_f_hat, run["f_hat"], atol=1e-5, rtol=0)
-    assert gen.last_trace is not None and len(gen.last_trace) == len(run["scales"])
-    for mine, official in zip(gen.last_trace, run["scales"]):
+    assert torch.equal(state.conditional_tokens(), torch.cat(run["tokens"], dim=1))
+    torch.testing.assert_close(state.carry["f_hat"], run["f_hat"], atol=1e-5, rtol=0)
+    trace = state.carry["trace"]
+    assert trace is not None and len(trace) == len(run["scales"])
+    for mine, official in zip(trace, run["scales"]):
         si = official["si"]
         assert mine["si"] == si and mine["pn"] == official["pn"]
         assert torch.equal(mine["final_tokens"], official["final_tokens"]), f"scale {si}"
@@ -168,18 +169,19 @@ def test_greedy_generation_trace_step_by_step(fixture: dict, gen: MaskedHierarch
 def test_mask_steps_equal_the_teacher_forced_mask_branch(fixture: dict, gen: MaskedHierarchicalGenerator) -> None:
     """A mask step's conditional logits are the mask branch's forward on the same tokens and mask."""
     run = fixture["greedy"]
-    gen.generate(run["label_B"], cfg=1.0, top_k=1, mask_schedule=run["mask_schedule"], trace=True)
-    scale = next(s for s in gen.last_trace if len(s["steps"]) > 2)
+    trace = gen.run_sampling(run["label_B"], cfg=1.0, top_k=1, mask_schedule=run["mask_schedule"],
+                             trace=True).carry["trace"]  # fmt: skip
+    scale = next(s for s in trace if len(s["steps"]) > 2)
     si, step = scale["si"], scale["steps"][2]
     begin, end = gen.net.begin_ends[si]
     tokens = torch.zeros(len(run["label_B"]), gen.num_tokens, dtype=torch.long)
-    for s in gen.last_trace[:si]:
+    for s in trace[:si]:
         b, e = gen.net.begin_ends[s["si"]]
         tokens[:, b:e] = s["final_tokens"]
     tokens[:, begin:end] = step["tokens_in"]
     masked = torch.zeros(len(tokens), gen.num_tokens - 1, dtype=torch.bool)
     masked[:, begin - 1 : end - 1].scatter_(1, step["idx_to_mask_in"], True)
-    logits = gen.net.forward_mask(run["label_B"], gen.step_inputs(tokens, None), gen.own_scale_inputs(tokens), masked)
+    logits = gen.net.forward_mask(run["label_B"], gen.teacher_inputs(tokens), gen.own_scale_inputs(tokens), masked)
     torch.testing.assert_close(logits[:, begin:end], step["logits_cfg"], **LOGITS)
 
 

@@ -60,9 +60,9 @@ def test_generate_matches_official(fixture: dict, gen: RasterGenerator, run: str
     recorded: list[torch.Tensor] = []
     original = gen.logits_to_tokens
 
-    def recording(logits_BlV, step, sampling, generator):
+    def recording(logits_BlV, state):
         recorded.append(logits_BlV.detach().clone())
-        return original(logits_BlV, step, sampling, generator)
+        return original(logits_BlV, state)
 
     monkeypatch.setattr(gen, "logits_to_tokens", recording)
     rng = torch.Generator().manual_seed(fixture[f"{run}_seed"])

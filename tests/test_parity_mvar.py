@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from arzoo.generators.next_scale import MVARTransformer, NextScaleGenerator
+from arzoo.generators.state import SamplingState
 from arzoo.interop.mvar import load_mvar_generator, mamba_kwargs_from_state_dict, mvar_config_from_state_dict
 from arzoo.interop.var import load_var_generator
 from arzoo.tokenizers import MultiScaleVQTokenizer
@@ -101,7 +102,7 @@ def test_teacher_forced_logits_and_loss(fixture: dict, gen: NextScaleGenerator, 
     train = fixture["train"]
     gen.train(mode == "train")
     tokens = torch.cat(train["gt_idx_Bl"], dim=1)
-    inputs = gen.step_inputs(tokens, None)  # the tokenizer's next-scale inputs from the ground-truth ids
+    inputs = gen.teacher_inputs(tokens)  # the tokenizer's next-scale inputs from the ground-truth ids
     torch.testing.assert_close(inputs, train["x_BLCv_wo_first_l"], atol=1e-5, rtol=0)
     logits = gen.net(train["label_B"], inputs)  # the network without label dropout
     torch.testing.assert_close(logits, train["logits"], atol=LOGITS_ATOL, rtol=LOGITS_RTOL)
@@ -116,19 +117,19 @@ def test_teacher_forced_logits_and_loss(fixture: dict, gen: NextScaleGenerator, 
                                    atol=LOGITS_ATOL, rtol=LOGITS_RTOL)  # fmt: skip
 
 
-def _recorded_generate(gen: NextScaleGenerator, monkeypatch, **kwargs) -> tuple[list, list]:
+def _recorded_generate(gen: NextScaleGenerator, monkeypatch, **kwargs) -> tuple[list, list, SamplingState]:
     recorded: list[torch.Tensor] = []
     drawn: list[torch.Tensor] = []
     original = gen.logits_to_tokens
 
-    def recording(logits_BlV, step, sampling, generator):
+    def recording(logits_BlV, state):
         recorded.append(logits_BlV.detach().clone())
-        drawn.append(original(logits_BlV, step, sampling, generator))
+        drawn.append(original(logits_BlV, state))
         return drawn[-1]
 
     monkeypatch.setattr(gen, "logits_to_tokens", recording)
-    gen.generate(**kwargs)
-    return recorded, drawn
+    state = gen.run_sampling(**kwargs)
+    return recorded, drawn, state
 
 
 @pytest.mark.parametrize("how", ["greedy", "top_k=1 draw"])
@@ -139,7 +140,7 @@ def test_greedy_sampling_matches_official(fixture: dict, gen: NextScaleGenerator
     assert official["top_k"] == 1 and not official["top_p"]
     extra = dict(greedy=True) if how == "greedy" else dict(top_k=1, generator=torch.Generator().manual_seed(
         official["g_seed"]))  # fmt: skip
-    recorded, drawn = _recorded_generate(
+    recorded, drawn, state = _recorded_generate(
         gen, monkeypatch, labels_B=official["label_B"], cfg=1.0 + official["cfg"], **extra
     )  # upstream's cfg is the extra weight t at the last scale; arzoo's 1 = off
     assert len(drawn) == len(official["tokens"]) == gen.num_steps
@@ -147,7 +148,7 @@ def test_greedy_sampling_matches_official(fixture: dict, gen: NextScaleGenerator
         assert torch.equal(ids, expected), f"scale {step}"
     for step, (logits, expected) in enumerate(zip(recorded, official["logits_cfg"])):
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5, msg=f"logits_cfg of scale {step}")
-    torch.testing.assert_close(gen.last_f_hat, official["f_hat"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(state.carry["f_hat"], official["f_hat"], atol=1e-5, rtol=0)
 
 
 def test_seeded_sampling_matches_official(fixture: dict, gen: NextScaleGenerator) -> None:
@@ -173,7 +174,7 @@ def test_sampling_carries_mamba_state_not_the_prefix(fixture: dict, gen: NextSca
 
         monkeypatch.setattr(block.mamba, "forward", counting)
     official = fixture["greedy"]
-    recorded, drawn = _recorded_generate(gen, monkeypatch, labels_B=official["label_B"], cfg=1.0, greedy=True)
+    recorded, drawn, state = _recorded_generate(gen, monkeypatch, labels_B=official["label_B"], cfg=1.0, greedy=True)
     depth = len(gen.net.blocks)
     assert lengths == [pn * pn for pn in gen.patch_nums for _ in range(depth)]
     tokens = torch.cat(drawn, dim=1)

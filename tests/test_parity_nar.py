@@ -157,9 +157,9 @@ def test_generate_matches_official(fixture: dict, gen: NextNeighborGenerator, ru
     recorded: list[torch.Tensor] = []
     original = gen.logits_to_tokens
 
-    def recording(logits_BlV, step, sampling, generator):
+    def recording(logits_BlV, state):
         recorded.append(logits_BlV.detach().clone())
-        return original(logits_BlV, step, sampling, generator)
+        return original(logits_BlV, state)
 
     slots: list[list[int]] = []
     heads = gen.net.heads

@@ -3,7 +3,7 @@
 `load_var_generator` puts the fixture's official weights into a `NextScaleGenerator` with the
 fixture's VQVAE as its tokenizer; its training path (`step_inputs`, `drop_labels`, `forward`,
 `token_loss`) must reproduce upstream's `VAR.forward` and trainer loss, and `generate()` /
-`sample_images()` (BaseGenerator's loop, VAR's guidance, filters, Gumbel mode and seeded draws)
+`run_sampling()` + `decode_state()` (BaseGenerator's loop, VAR's guidance, filters, Gumbel mode and seeded draws)
 upstream's `autoregressive_infer_cfg`. Everything is read from the fixtures (var.pt, vqvae.pt), so
 another fixture set made by the same generator must pass as well. Tolerances: fixture README.
 """
@@ -90,7 +90,7 @@ def test_tokenizer_from_a_checkpoint_file(fixture: dict, tokenizer, tmp_path) ->
 
 def test_teacher_forced_logits_and_loss(fixture: dict, gen: NextScaleGenerator) -> None:
     tokens, labels = fixture["gt_BL"], fixture["label_B"]
-    inputs = gen.step_inputs(tokens, None)  # the tokenizer's next-scale inputs from the ground-truth ids
+    inputs = gen.teacher_inputs(tokens)  # the tokenizer's next-scale inputs from the ground-truth ids
     torch.testing.assert_close(inputs, fixture["x_BLCv_wo_first_l"], atol=1e-5, rtol=0)
     logits = gen.teacher_forcing(tokens, labels)  # eval mode: no label dropout (upstream: cond_drop_rate 0)
     torch.testing.assert_close(logits, fixture["logits"], atol=1e-5, rtol=1e-5)
@@ -122,9 +122,9 @@ def test_sampler_matches_official(fixture: dict, gen: NextScaleGenerator, run: s
     drawn: list[torch.Tensor] = []
     original = gen.logits_to_tokens
 
-    def recording(logits_BlV, step, sampling, generator):
+    def recording(logits_BlV, state):
         recorded.append(logits_BlV.detach().clone())
-        drawn.append(original(logits_BlV, step, sampling, generator))
+        drawn.append(original(logits_BlV, state))
         return drawn[-1]
 
     monkeypatch.setattr(gen, "logits_to_tokens", recording)
@@ -134,20 +134,21 @@ def test_sampler_matches_official(fixture: dict, gen: NextScaleGenerator, run: s
     else:
         labels = official["label_B"]
     assert torch.equal(labels, official["label_B"])
-    images = gen.sample_images(
+    state = gen.run_sampling(
         labels,
         cfg=1.0 + official["cfg"],  # upstream's cfg is the extra weight t at the last scale; arzoo's 1 = off
         top_k=official["top_k"] or None,  # upstream: 0 = off; top_k=1 is still a multinomial draw
         top_p=official["top_p"] or 1.0,  # upstream: 0.0 = off
         generator=rng,
     )
+    images = gen.decode_state(state)
     assert len(drawn) == len(official["idx_list"]) == gen.num_steps
     for step, (ids, expected) in enumerate(zip(drawn, official["idx_list"])):
         assert torch.equal(ids, expected), f"scale {step}"
     for step, (logits, expected) in enumerate(zip(recorded, official["logits_cfg"])):
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5, msg=f"logits_cfg of scale {step}")
     tol = 5e-4 if smooth else 1e-5
-    torch.testing.assert_close(gen.last_f_hat, official["f_hat"], atol=tol, rtol=0)
+    torch.testing.assert_close(state.carry["f_hat"], official["f_hat"], atol=tol, rtol=0)
     tol = 5e-4 if smooth else 1e-4
     torch.testing.assert_close((images + 1) * 0.5, official["img"], atol=tol, rtol=0)  # upstream returns [0, 1]
 

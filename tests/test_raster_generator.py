@@ -103,7 +103,7 @@ def test_seeded_sampling_and_guidance_batch(vq_path):
     assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
     batches = []
     start = model.start_sampling
-    model.start_sampling = lambda b: batches.append(b) or start(b)
+    model.start_sampling = lambda state: batches.append(len(state.labels)) or start(state)
     draw(0, cfg=1.0), draw(0, cfg=3.0)
     assert batches == [2, 4]  # guidance runs one doubled batch (conditional rows, then null-class rows)
     assert model.generate([1], greedy=True).shape == (1, 16)

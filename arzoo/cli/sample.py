@@ -69,7 +69,8 @@ def sample(
     else:
         nrow = min(len(labels), 8)
     options = dict(options or {})
-    accepted = set(inspect.signature(model.generate).parameters) - {"labels_B", "generator"}
+    accepted = set(inspect.signature(model.generate).parameters) - {"labels_B", "generator", "options"}
+    accepted |= set(model.sampling_options)
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(

@@ -11,27 +11,32 @@ cross-entropy over the predicted positions, temperature / top-k / top-p sampling
 `torch.Generator`, EMA weights (used for sampling when enabled), AdamW without weight decay on
 norms / biases / embeddings, warmup + cosine LR, and the generation loop.
 
-Subclassing contract — a paradigm supplies four things:
+Subclassing contract. A paradigm supplies (abstract methods, so a missing one fails at construction):
 
 1. `build_schedule() -> list[LongTensor]`: the positions predicted at each step, in order. Every
    position appears exactly once; `prediction_order = cat(schedule)`.
-2. `step_inputs(tokens_BN, step)`: the network input for one step's slots (sampling) or for all
-   slots (`step=None`, teacher forcing). Inputs of step k may only depend on tokens of steps < k.
-3. `visibility_mask() -> BoolTensor (N, N)` over slots in prediction order (True = may attend).
-   The default is block-causal over steps: a slot sees every slot of its own and earlier steps.
-4. `logits_to_tokens(logits_BlV, step, sampling, generator) -> LongTensor (B, l)`. The default
-   draws every position of the step independently.
+2. `teacher_inputs(tokens_BN)`: the network input for every slot (teacher forcing), and
+   `step_inputs(state)`: the input of `state.step`'s slots while sampling. Inputs of step k may
+   only depend on tokens of steps < k.
+3. `forward(inputs, labels_B, mask) -> logits (B, N, V)` in prediction order (teacher forcing) and
+   `forward_step(inputs, state) -> logits (R, l, V)` of one step (using the network's cache).
 
-and the model family supplies the network calls: `forward(inputs, labels_B, mask) -> logits
-(B, N, V)` in prediction order (teacher forcing), and for sampling `start_sampling(batch)`,
-`forward_step(inputs, labels_B, step) -> logits (B, l, V)` (using its KV cache) and
-`end_sampling()`. `tokenizer_kind`, `paradigm`, `cfg_scale(step, cfg)` and `guide_logits` (how the
-conditional and null-class logits combine) may be overridden.
+and may override: `visibility_mask() -> BoolTensor (N, N)` over slots in prediction order (True =
+may attend; default block-causal over steps), `logits_to_tokens(logits_BlV, state)` (default:
+every position of the step drawn independently), `update_state(state, ids_Bl, logits_BlV)`
+(default: write the step's tokens; VAR also adds them to its running reconstruction),
+`start_sampling(state)` / `end_sampling(state)` (caches), `cfg_scale(step, cfg)` and
+`guide_logits(cond, uncond, state)` (how the conditional and null-class logits combine; applied in
+one place, `apply_guidance`), `sampling_options` (declared extra `generate()` keywords with their
+defaults, accepted by `arzoo sample --options`), `tokenizer_kind` and `paradigm`. Every sampling
+hook gets the explicit `SamplingState` (`arzoo.generators.state`) and returns it where it changes
+it; nothing about a generation in progress is kept on the module.
 A new ordering of an existing family (say a column-major raster) only overrides `build_schedule`.
 """
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping
@@ -45,6 +50,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from arzoo.checkpoint_io import check_state_dict_fits, load_state_dict_checked, read_checkpoint
 from arzoo.class_paths import check_class_paths, class_path_of, resolve_class
 from arzoo.generators.sampling import SamplingConfig, guide, sample_tokens
+from arzoo.generators.state import SamplingState
 from arzoo.optim import check_optimizer_args, warmup_cosine_scheduler
 from arzoo.tokenizers.base import Tokenizer, build_tokenizer, resolve_tokenizer_class
 from arzoo.tokenizers.checkpoint import load_tokenizer
@@ -52,11 +58,14 @@ from arzoo.tokenizers.checkpoint import load_tokenizer
 CLASS_KEY = "arzoo_generator_class"  # top-level checkpoint entry naming the concrete class
 
 
-class BaseGenerator(L.LightningModule):
+class BaseGenerator(L.LightningModule, metaclass=ABCMeta):
     """Base LightningModule of all generators; see the module docstring for the subclassing contract."""
 
     paradigm: ClassVar[str] = "base"
     tokenizer_kind: ClassVar[type[Tokenizer]] = Tokenizer
+    # Extra keyword arguments of `generate()` this paradigm reads from `state.options`, with defaults.
+    sampling_options: ClassVar[Mapping[str, Any]] = {}
+    net: nn.Module  # the network (the EMA copy and the optimizer see this module only)
 
     def __init__(
         self,
@@ -178,9 +187,9 @@ class BaseGenerator(L.LightningModule):
         """N, the number of token positions."""
         return sum(h * w for h, w in self.scales)
 
+    @abstractmethod
     def build_schedule(self) -> list[torch.Tensor]:
         """Positions predicted at each step (paradigm hook 1)."""
-        raise NotImplementedError(f"{type(self).__name__} must define build_schedule()")
 
     @property
     def schedule(self) -> list[torch.Tensor]:
@@ -211,9 +220,13 @@ class BaseGenerator(L.LightningModule):
         """(N,) step index of every slot in prediction order."""
         return torch.cat([torch.full((len(s),), k) for k, s in enumerate(self.schedule)])
 
-    def step_inputs(self, tokens_BN: torch.Tensor, step: int | None) -> Any:
-        """Network inputs for one step, or for every slot when `step` is None (paradigm hook 2)."""
-        raise NotImplementedError(f"{type(self).__name__} must define step_inputs()")
+    @abstractmethod
+    def teacher_inputs(self, tokens_BN: torch.Tensor) -> Any:
+        """Network inputs for every slot, from the ground-truth tokens (B, N) (paradigm hook 2)."""
+
+    @abstractmethod
+    def step_inputs(self, state: SamplingState) -> Any:
+        """Network inputs of `state.step`'s slots while sampling (paradigm hook 2)."""
 
     def visibility_mask(self) -> torch.Tensor:
         """(N, N) bool over slots in prediction order; default block-causal over steps (paradigm hook 3)."""
@@ -228,33 +241,50 @@ class BaseGenerator(L.LightningModule):
             self._mask = self.visibility_mask().to(self.device)
         return self._mask
 
-    def logits_to_tokens(
-        self, logits_BlV: torch.Tensor, step: int, sampling: SamplingConfig, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """One token per slot of the step (paradigm hook 4); default: independent draws, row-major."""
+    @abstractmethod
+    def forward(self, inputs: Any, labels_B: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: `teacher_inputs(...)` -> logits (B, N, V) in prediction order (paradigm hook 3)."""
+
+    @abstractmethod
+    def forward_step(self, inputs: Any, state: SamplingState) -> torch.Tensor:
+        """Logits (R, l, V) of `state.step`'s slots, through the network's cache (paradigm hook 3)."""
+
+    def logits_to_tokens(self, logits_BlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        """One token per slot of the step (B, l); default: independent draws, row-major."""
         B, l, V = logits_BlV.shape
-        return sample_tokens(logits_BlV.reshape(B * l, V), sampling, generator).reshape(B, l)
+        return sample_tokens(logits_BlV.reshape(B * l, V), state.sampling, state.generator).reshape(B, l)
+
+    def update_state(self, state: SamplingState, ids_Bl: torch.Tensor, logits_BlV: torch.Tensor) -> SamplingState:
+        """Record the step's tokens (B, l) in every row (both CFG halves); `logits_BlV` are the guided ones."""
+        positions = self.schedule[state.step].to(state.tokens.device)
+        state.tokens[:, positions] = ids_Bl.repeat(2, 1) if state.guided else ids_Bl
+        return state
 
     def cfg_scale(self, step: int, cfg: float) -> float:
         """Guidance scale at `step` (constant by default)."""
         return cfg
 
-    def guide_logits(self, cond_BlV: torch.Tensor, uncond_BlV: torch.Tensor, step: int, cfg: float) -> torch.Tensor:
+    def guide_logits(self, cond_BlV: torch.Tensor, uncond_BlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
         """Guided logits of one step from its conditional and null-class rows; default
         `guide(cond, uncond, cfg_scale(step, cfg))`, the conditional rows alone where that scale is 1.
         Override to combine them another way (e.g. VAR's `(1 + t) * cond - t * uncond`)."""
-        scale = self.cfg_scale(step, cfg)
+        scale = self.cfg_scale(state.step, state.cfg)
         return guide(cond_BlV, uncond_BlV, scale) if scale != 1.0 else cond_BlV
 
-    def start_sampling(self, batch_size: int) -> None:
-        """Prepare caches for a generation of `batch_size` rows (CFG-doubled)."""
+    def apply_guidance(self, logits_RlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        """(R, l, V) -> (B, l, V): the one place where classifier-free guidance is applied."""
+        if not state.guided:
+            return logits_RlV
+        B = state.batch_size
+        return self.guide_logits(logits_RlV[:B], logits_RlV[B:], state)
 
-    def forward_step(self, inputs: Any, labels_B: torch.Tensor, step: int) -> torch.Tensor:
-        """Logits (B, l, V) of one step's slots, using the cache."""
-        raise NotImplementedError(f"{type(self).__name__} must define forward_step()")
+    def start_sampling(self, state: SamplingState) -> SamplingState:
+        """Prepare caches (and `state.carry`) for a generation of `len(state.labels)` rows."""
+        return state
 
-    def end_sampling(self) -> None:
-        """Free the caches."""
+    def end_sampling(self, state: SamplingState) -> SamplingState:
+        """Free the caches (called also when sampling fails)."""
+        return state
 
     # ---- training --------------------------------------------------------------------------------
 
@@ -278,7 +308,13 @@ class BaseGenerator(L.LightningModule):
 
     def teacher_forcing(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
         """Logits (B, N, V) for every position, in prediction order."""
-        return self(self.step_inputs(tokens_BN, None), labels_B, self.mask)
+        return self(self.teacher_inputs(tokens_BN), labels_B, self.mask)
+
+    def sequence_loss(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch: `token_loss` of the teacher-forced logits against the tokens
+        in prediction order (a paradigm that trains on a drawn subset overrides this)."""
+        logits = self.teacher_forcing(tokens_BN, labels_B)
+        return self.token_loss(logits, tokens_BN[:, self.prediction_order.to(tokens_BN.device)])
 
     def token_loss(self, logits_BNV: torch.Tensor, targets_BN: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over all predicted positions."""
@@ -306,9 +342,7 @@ class BaseGenerator(L.LightningModule):
                 "use a labelled source (digits, or a folder with one sub-folder per class)"
             )
         tokens = self.batch_tokens(batch)
-        logits = self.teacher_forcing(tokens, self.drop_labels(self.check_labels(labels)))
-        targets = tokens[:, self.prediction_order.to(tokens.device)]
-        loss = self.token_loss(logits, targets)
+        loss = self.sequence_loss(tokens, self.drop_labels(self.check_labels(labels)))
         # evaluation metrics are averaged over the ranks (once per epoch); training logs stay per rank
         sync = split != "train"
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(labels), sync_dist=sync)
@@ -400,6 +434,62 @@ class BaseGenerator(L.LightningModule):
 
     # ---- generation ------------------------------------------------------------------------------
 
+    def check_sampling_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The declared `sampling_options` with the given values filled in; unknown names refused."""
+        unknown = sorted(set(options) - set(self.sampling_options))
+        if unknown:
+            raise ValueError(
+                f"{unknown} are not sampling options of {type(self).__name__}; it takes "
+                f"{sorted(self.sampling_options) or 'none'}"
+            )
+        return {**self.sampling_options, **options}
+
+    @torch.no_grad()
+    def run_sampling(
+        self,
+        labels_B: torch.Tensor | list[int],
+        cfg: float = 1.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+        use_ema: bool = True,
+        **options: Any,
+    ) -> SamplingState:
+        """The generation loop, the same for every paradigm; returns the final `SamplingState`.
+
+        `cfg != 1` runs one doubled batch with the null class; `options` are the paradigm's
+        `sampling_options`. Each step: inputs from the state, one network pass, guidance, the draw,
+        then the state records the step."""
+        labels_B = self.check_labels(labels_B)
+        if len(labels_B) == 0:
+            raise ValueError("generate() needs at least one label")
+        if cfg < 0:
+            raise ValueError(f"cfg must be >= 0 (1 = no guidance), got {cfg}")
+        sampling = SamplingConfig(temperature, top_k, top_p, greedy).check(self.vocab_size)
+        guided = cfg != 1.0
+        labels_R = torch.cat([labels_B, torch.full_like(labels_B, self.num_classes)]) if guided else labels_B
+        state = SamplingState(
+            tokens=torch.zeros(len(labels_R), self.num_tokens, dtype=torch.long, device=self.device),
+            labels=labels_R, batch_size=len(labels_B), cfg=cfg, sampling=sampling, generator=generator,
+            options=self.check_sampling_options(options),
+        )  # fmt: skip
+        was_training = self.training
+        self.eval()
+        with self.sampling_weights(use_ema):
+            state = self.start_sampling(state)
+            try:
+                for step in range(self.num_steps):
+                    state.step, state.substep = step, 0
+                    logits_RlV = self.forward_step(self.step_inputs(state), state).float()
+                    logits_BlV = self.apply_guidance(logits_RlV, state)
+                    state = self.update_state(state, self.logits_to_tokens(logits_BlV, state), logits_BlV)
+            finally:
+                state = self.end_sampling(state)
+        self.train(was_training)
+        return state
+
     @torch.no_grad()
     def generate(
         self,
@@ -411,37 +501,21 @@ class BaseGenerator(L.LightningModule):
         generator: torch.Generator | None = None,
         greedy: bool = False,
         use_ema: bool = True,
+        **options: Any,
     ) -> torch.Tensor:
-        """Flat tokens (B, N) for the given class labels; `cfg != 1` runs one doubled batch with the null class."""
-        labels_B = self.check_labels(labels_B)
-        if len(labels_B) == 0:
-            raise ValueError("generate() needs at least one label")
-        if cfg < 0:
-            raise ValueError(f"cfg must be >= 0 (1 = no guidance), got {cfg}")
-        sampling = SamplingConfig(temperature, top_k, top_p, greedy).check(self.vocab_size)
-        B, guided = len(labels_B), cfg != 1.0
-        labels_in = torch.cat([labels_B, torch.full_like(labels_B, self.num_classes)]) if guided else labels_B
-        tokens = torch.zeros(len(labels_in), self.num_tokens, dtype=torch.long, device=self.device)
-        was_training = self.training
-        self.eval()
-        with self.sampling_weights(use_ema):
-            self.start_sampling(len(labels_in))
-            try:
-                for step, positions in enumerate(self.schedule):
-                    logits = self.forward_step(self.step_inputs(tokens, step), labels_in, step).float()
-                    if guided:
-                        logits = self.guide_logits(logits[:B], logits[B:], step, cfg)
-                    new = self.logits_to_tokens(logits, step, sampling, generator)
-                    tokens[:, positions.to(self.device)] = new.repeat(2, 1) if guided else new
-            finally:
-                self.end_sampling()
-        self.train(was_training)
-        return tokens[:B]
+        """Flat tokens (B, N) for the given class labels (`run_sampling`'s conditional rows)."""
+        return self.run_sampling(labels_B, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 generator=generator, greedy=greedy, use_ema=use_ema, **options).conditional_tokens()
+
+    @torch.no_grad()
+    def decode_state(self, state: SamplingState) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] of a finished generation (default: decode its tokens)."""
+        return self.decode_tokens(state.conditional_tokens())
 
     @torch.no_grad()
     def sample_images(self, labels_B: torch.Tensor | list[int], **kwargs: Any) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1]: `generate(...)` then the tokenizer's decoder."""
-        return self.decode_tokens(self.generate(labels_B, **kwargs))
+        """Images (B, 3, H, W) in [-1, 1]: `run_sampling(...)` then `decode_state`."""
+        return self.decode_state(self.run_sampling(labels_B, **kwargs))
 
     # ---- optimisation ----------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Masked-hierarchical generation (HMAR, NVlabs/HMAR, arXiv 2506.04421), class-conditional.
 
-HMAR is VAR's next-scale machine with two changes (facts: tests/fixtures/parity/hmar/SPEC.md):
+HMAR is VAR's next-scale machine with two changes (facts: docs/parity/hmar.md):
 
 * **Markovian scales.** A token attends only to the tokens of its own scale (block-diagonal mask).
   The coarser scales reach scale k only through its input, the tokenizer's running reconstruction
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -44,7 +43,7 @@ from arzoo.generators.next_scale import (
     _main_type,
 )
 from arzoo.generators.registry import register_sizes
-from arzoo.generators.sampling import SamplingConfig
+from arzoo.generators.state import SamplingState
 from arzoo.nn.mvar import scale_lengths, segment_attention
 from arzoo.tokenizers.multiscale_vq import MultiScaleVQTokenizer
 
@@ -350,16 +349,6 @@ def stage2_key_to_inference(key: str, depth: int, n_layers_train: int) -> str:
 # ---- generator ----
 
 
-@dataclass
-class _Refinement:
-    """What `generate()` passes to the per-scale masked refinement."""
-
-    cfg: float
-    schedule: list[list[int]] | None  # None: no refinement (next-scale branch only)
-    labels: torch.Tensor | None = None  # the CFG-doubled rows of the current generation
-    trace: list[dict[str, Any]] | None = None  # filled when generate(trace=True)
-
-
 class MaskedHierarchicalGenerator(NextScaleGenerator):
     """HMAR as an arzoo paradigm: one step per scale of a `MultiScaleVQTokenizer`, each scale seeing
     only itself (block-diagonal visibility), refined by masked sub-steps while sampling.
@@ -380,7 +369,8 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
     ascending sort, so ties re-mask the lowest raster positions first) are masked, the mask branch
     re-draws every position (guidance weight (cfg - 1) * 1e-6 as upstream, i.e. practically none),
     the masked ones take the new tokens, and the least confident of them stay masked for the next
-    sub-step. `trace=True` records every step in `last_trace`.
+    sub-step. `trace=True` records every step in the final state's `carry["trace"]`
+    (`run_sampling(..., trace=True)`).
 
     Other arguments are `NextScaleGenerator`'s (no `inter_scale`, `shared_aln` or `more_smooth`),
     with `init_adaln_gamma` 1e-3 by default (HMAR's). `attn_backend` picks the block-diagonal
@@ -388,6 +378,8 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
     """
 
     paradigm = "masked-hierarchical"
+    # `refine=None`: refine in stage 2 only (in stage 1 the mask branch is untrained)
+    sampling_options = {"mask_schedule": None, "refine": None, "trace": False}
 
     def __init__(
         self,
@@ -416,9 +408,6 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
         )
         with torch.device("cpu"):  # a constant, also when the model is built on the meta device
             self.loss_weights = lognorm_loss_weights(self.patch_nums)
-        self.last_trace: list[dict[str, Any]] | None = None
-        self._refine: _Refinement | None = None
-        self._loss_mask: torch.Tensor | None = None
         self._initialised = False
         self.set_trainable()
 
@@ -538,19 +527,32 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
         `mask` (N, N) bool (True = may attend) defaults to block-diagonal attention per scale."""
         return self.net(labels_B, inputs, attn_bias=mask)
 
-    def teacher_forcing(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-        """Logits (B, N, V): the next-scale branch in stage 1; in stage 2 the mask branch with a
-        freshly drawn mask (kept for `token_loss`)."""
-        x_ns = self.step_inputs(tokens_BN, None)
+    def teacher_forcing(
+        self, tokens_BN: torch.Tensor, labels_B: torch.Tensor, masked: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, N, V): the next-scale branch in stage 1; in stage 2 the mask branch, with
+        `masked` (N - first_l,) bool over every scale but the first (default: a freshly drawn one)."""
+        x_ns = self.teacher_inputs(tokens_BN)
         if self.stage == 1:
             return self.net(labels_B, x_ns)
-        masked = self.draw_training_mask(tokens_BN.device)
-        self._loss_mask = F.pad(masked, (self.first_l, 0))
+        if masked is None:
+            masked = self.draw_training_mask(tokens_BN.device)
         return self.net.forward_mask(labels_B, x_ns, self.own_scale_inputs(tokens_BN), masked[None])
 
-    def token_loss(self, logits_BNV: torch.Tensor, targets_BN: torch.Tensor) -> torch.Tensor:
+    def sequence_loss(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        """Stage 1: VAR's teacher forcing; stage 2: one drawn mask, the loss over its positions."""
+        if self.stage == 1:
+            return super().sequence_loss(tokens_BN, labels_B)
+        masked = self.draw_training_mask(tokens_BN.device)
+        logits = self.teacher_forcing(tokens_BN, labels_B, masked)
+        return self.token_loss(logits, tokens_BN, loss_mask=F.pad(masked, (self.first_l, 0)))
+
+    def token_loss(
+        self, logits_BNV: torch.Tensor, targets_BN: torch.Tensor, loss_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Stage 1: per-position cross-entropy weighted by `loss_weights` (summing to 1), summed over
-        positions, mean over the batch. Stage 2: mean cross-entropy over the masked positions."""
+        positions, mean over the batch. Stage 2: mean cross-entropy over the masked positions
+        (`loss_mask` (N,) bool)."""
         ce_BN = F.cross_entropy(
             logits_BNV.float().transpose(1, 2), targets_BN, label_smoothing=self.label_smoothing, reduction="none"
         )
@@ -558,79 +560,55 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
             split = "train" if self.training else "val"
             self.log(f"{split}/mean_ce", ce_BN.mean().detach(), batch_size=len(ce_BN))
         if self.stage == 2:  # the unmasked positions are never trained: only the masked ones count
-            if self._loss_mask is None:
-                raise RuntimeError("stage 2's loss needs the mask of the last teacher_forcing call")
-            return ce_BN[:, self._loss_mask].mean()
+            if loss_mask is None:
+                raise ValueError("stage 2's loss is over the masked positions: give loss_mask (N,) bool")
+            return ce_BN[:, loss_mask].mean()
         if self.loss_weighting == "uniform":
             return ce_BN.mean()
         return (ce_BN * self.loss_weights.to(ce_BN.device)).sum(dim=1).mean()
 
     # ---- sampling --------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(
-        self,
-        labels_B: torch.Tensor | list[int],
-        cfg: float = 1.0,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-        greedy: bool = False,
-        use_ema: bool = True,
-        mask_schedule: Sequence[Sequence[int]] | None = None,
-        refine: bool | None = None,
-        trace: bool = False,
-    ) -> torch.Tensor:
-        """Flat tokens (B, N) (see the class docstring). `refine=False` samples with the next-scale
-        branch only; the default refines in stage 2 only (in stage 1 the mask branch is untrained).
-        `trace=True` records every step in `last_trace`."""
-        schedule = self.mask_schedule if mask_schedule is None else self.check_mask_schedule(mask_schedule)
-        refine = self.stage == 2 if refine is None else refine
-        self._refine = _Refinement(cfg=cfg, schedule=schedule if refine else None, trace=[] if trace else None)
-        try:
-            return super().generate(labels_B, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    generator=generator, greedy=greedy, use_ema=use_ema)  # fmt: skip
-        finally:
-            self.last_trace = self._refine.trace
-            self._refine = None
+    def start_sampling(self, state: SamplingState) -> SamplingState:
+        """VAR's caches, and the sampling options resolved: the mask schedule checked, `refine`'s
+        default (stage 2 only), an empty trace when `trace=True`."""
+        state = super().start_sampling(state)
+        options = state.options
+        schedule = options["mask_schedule"]
+        options["mask_schedule"] = self.mask_schedule if schedule is None else self.check_mask_schedule(schedule)
+        options["refine"] = self.stage == 2 if options["refine"] is None else bool(options["refine"])
+        state.carry["trace"] = [] if options["trace"] else None
+        return state
 
-    def forward_step(self, inputs: torch.Tensor | tuple | None, labels_B: torch.Tensor, step: int) -> torch.Tensor:
+    def forward_step(self, inputs: torch.Tensor | tuple | None, state: SamplingState) -> torch.Tensor:
         """Next-scale logits (R, pn_step^2, V) of one scale, over its own tokens only; with a tuple
         `(next_input, own_BlCv, masked_Bl)`, the mask branch's logits of a refinement sub-step (one
         entry point for every network pass, so callers can count them)."""
         if isinstance(inputs, tuple):
-            return self.net.forward_scale(labels_B, step, *inputs)
-        if self._refine is not None:
-            self._refine.labels = labels_B
-        return self.net.forward_scale(labels_B, step, inputs)
+            return self.net.forward_scale(state.labels, state.step, *inputs)
+        return self.net.forward_scale(state.labels, state.step, inputs)
 
-    def logits_to_tokens(
-        self, logits_BlV: torch.Tensor, step: int, sampling: SamplingConfig, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """VAR's draw of the scale, then (inside `generate()`) the masked refinement of its schedule
-        and the update of the running f_hat with the final tokens."""
-        ids_Bl, filtered = self.draw_scale(logits_BlV, sampling, generator)
-        refine = self._refine
-        if refine is not None and self._sampling is not None:
-            ids_Bl = self.refine_scale(step, ids_Bl, logits_BlV, filtered, sampling, generator, refine)
-        self.add_scale_to_fhat(step, ids_Bl, filtered, generator)
-        return ids_Bl
+    def guide_logits(self, cond_BlV: torch.Tensor, uncond_BlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        """VAR's guidance for the next-scale draw; in the mask sub-steps weight (cfg - 1) * 1e-6, as
+        upstream hard-codes `cfg * 1e-6` there."""
+        if state.substep == 0:
+            return super().guide_logits(cond_BlV, uncond_BlV, state)
+        t = (state.cfg - 1.0) * 1e-6
+        return (1 + t) * cond_BlV - t * uncond_BlV
+
+    def logits_to_tokens(self, logits_BlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        """VAR's draw of the scale, then the masked refinement of its schedule -> final ids (B, l)."""
+        ids_Bl, filtered = self.draw_scale(logits_BlV, state.sampling, state.generator)
+        return self.refine_scale(ids_Bl, logits_BlV, filtered, state)
 
     def refine_scale(
-        self,
-        si: int,
-        ids_Bl: torch.Tensor,
-        logits_BlV: torch.Tensor,
-        filtered_BlV: torch.Tensor,
-        sampling: SamplingConfig,
-        generator: torch.Generator | None,
-        refine: _Refinement,
+        self, ids_Bl: torch.Tensor, logits_BlV: torch.Tensor, filtered_BlV: torch.Tensor, state: SamplingState
     ) -> torch.Tensor:
-        """The masked sub-steps of scale `si` after its next-scale draw `ids_Bl` -> final ids (B, l)."""
+        """The masked sub-steps of scale `state.step` after its next-scale draw `ids_Bl` -> final ids (B, l)."""
         B, l = ids_Bl.shape
-        plan = [l] if refine.schedule is None else refine.schedule[si]
-        record = refine.trace is not None
+        si, trace = state.step, state.carry.get("trace")
+        plan = state.options["mask_schedule"][si] if state.options["refine"] else [l]
+        record = trace is not None
         steps: list[dict[str, Any]] = []
         if record:
             steps.append(dict(kind="ns", logits_cfg=logits_BlV.float().clone(), sampled=ids_Bl.clone()))
@@ -638,9 +616,7 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
                 steps[0]["idx_to_mask_after"] = ids_Bl.new_zeros(B, 0)
         finalized_Bl = torch.zeros_like(ids_Bl)  # the sub-step that fixed each token (0: the next-scale draw)
         if len(plan) > 1 and l > 1:
-            assert refine.labels is not None and self._sampling is not None
-            labels, next_input = refine.labels, self._sampling.next_input
-            guided, t = len(labels) != B, (refine.cfg - 1.0) * 1e-6  # upstream hard-codes cfg * 1e-6
+            next_input = state.carry.get("next_input")
             # stable sort: with equal confidences (e.g. top_k=1) the lowest raster positions are re-masked
             masked_idx = _confidence(filtered_BlV, ids_Bl).argsort(dim=-1, stable=True)[:, : l - plan[0]]
             if record:
@@ -648,10 +624,10 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
             for j in range(1, len(plan)):
                 masked_Bl = torch.zeros_like(ids_Bl, dtype=torch.bool).scatter_(1, masked_idx, True)
                 own_BlCv = self.own_scale_input(si, ids_Bl)  # the masked tokens' codes still reach neighbours
-                logits = self.forward_step((next_input, own_BlCv, masked_Bl), labels, si).float()
-                if guided:
-                    logits = (1 + t) * logits[:B] - t * logits[B:]
-                new_Bl, filtered = self.draw_scale(logits, sampling, generator)
+                state.substep = j
+                logits = self.forward_step((next_input, own_BlCv, masked_Bl), state).float()
+                logits = self.apply_guidance(logits, state)
+                new_Bl, filtered = self.draw_scale(logits, state.sampling, state.generator)
                 if record:
                     steps.append(dict(kind="mask", tokens_in=ids_Bl.clone(), idx_to_mask_in=masked_idx.clone(),
                                       logits_cfg=logits, sampled=new_Bl))  # fmt: skip
@@ -664,8 +640,9 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
                 finalized_Bl[masked_Bl & ~torch.zeros_like(masked_Bl).scatter_(1, masked_idx, True)] = j
                 if record:
                     steps[-1]["idx_to_mask_after"] = masked_idx.clone()
+        state.substep = 0
         if record:
-            refine.trace.append(dict(si=si, pn=self.patch_nums[si], steps=steps, final_tokens=ids_Bl.clone(),
+            trace.append(dict(si=si, pn=self.patch_nums[si], steps=steps, final_tokens=ids_Bl.clone(),
                                      finalized_at_step=finalized_Bl))  # fmt: skip
         return ids_Bl
 

@@ -3,7 +3,7 @@
 NAR ("Neighboring Autoregressive Modeling for Efficient Visual Generation", ThisisBillhe/NAR,
 `NAR-images/`) is a fork of LlamaGen that decodes a g x g token grid near-to-far: step t produces
 every cell of the anti-diagonal r + c = t at once, so an image takes 2g - 1 forward passes
-instead of g * g. Facts: tests/fixtures/parity/nar/SPEC.md (on top of ../llamagen/SPEC.md).
+instead of g * g. Facts: docs/parity/nar.md (on top of llamagen.md).
 
 What is LlamaGen's is reused from `raster.py` (embeddings, blocks, 2-D RoPE, KV cache, label
 dropout, sampling filters). What NAR adds, and this module supplies:
@@ -34,7 +34,8 @@ from torch import nn
 
 from arzoo.generators.raster import RasterGenerator, RasterTransformer
 from arzoo.generators.registry import register_sizes
-from arzoo.generators.sampling import SamplingConfig, sample_tokens
+from arzoo.generators.sampling import sample_tokens
+from arzoo.generators.state import SamplingState
 from arzoo.nn.llama import RMSNorm
 
 __all__ = [
@@ -215,9 +216,6 @@ class NeighborTransformer(RasterTransformer):
         below = self.medusa_output(self.medusa_norm(x)).float()
         return right, below
 
-    def _run_blocks(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        raise NotImplementedError("NeighborTransformer has two heads: use heads(), forward() or decode_diagonal()")
-
     def forward(  # type: ignore[override]  # NAR returns both heads
         self, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,13 +364,15 @@ class NextNeighborGenerator(RasterGenerator):
         self._seq_mask_cache = (mask_NN, seq)
         return seq
 
-    def step_inputs(self, tokens_BN: torch.Tensor, step: int | None) -> torch.Tensor | None:
-        """Teacher forcing: the whole grid (raster order); step t > 0: the tokens of diagonal t - 1."""
-        if step is None:
-            return tokens_BN
-        if step == 0:
+    def teacher_inputs(self, tokens_BN: torch.Tensor) -> torch.Tensor:
+        """The whole grid (raster order): the visibility mask decides what each slot reads."""
+        return tokens_BN
+
+    def step_inputs(self, state: SamplingState) -> torch.Tensor | None:
+        """The tokens of diagonal t - 1 (R, n_{t-1}); None at step 0 (the class token alone)."""
+        if state.step == 0:
             return None
-        return tokens_BN[:, self.schedule[step - 1].to(tokens_BN.device)]
+        return state.tokens[:, self.schedule[state.step - 1].to(state.tokens.device)]
 
     def forward(self, inputs: torch.Tensor, labels_B: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: the full grid (B, N) in raster order -> combined logits (B, N, V) in
@@ -381,12 +381,13 @@ class NextNeighborGenerator(RasterGenerator):
         right, below = self.net(inputs, labels_B, mask=seq_mask[None, None])
         return self.net.neighbor_logits(right, below)[:, self.prediction_order.to(inputs.device)]
 
-    def start_sampling(self, batch_size: int) -> None:
-        self.net.setup_cache(batch_size)
+    def start_sampling(self, state: SamplingState) -> SamplingState:
+        self.net.setup_cache(len(state.labels))
+        return state
 
-    def forward_step(self, inputs: torch.Tensor | None, labels_B: torch.Tensor, step: int) -> torch.Tensor:
-        """Step 0 reads the class token, step t > 0 feeds diagonal t - 1 -> logits (B, n_t, V)."""
-        return self.net.decode_diagonal(labels_B if step == 0 else inputs, step)
+    def forward_step(self, inputs: torch.Tensor | None, state: SamplingState) -> torch.Tensor:
+        """Step 0 reads the class token, step t > 0 feeds diagonal t - 1 -> logits (R, n_t, V)."""
+        return self.net.decode_diagonal(state.labels if state.step == 0 else inputs, state.step)
 
     @functools.cached_property
     def _tokens_before_step(self) -> list[int]:
@@ -400,11 +401,9 @@ class NextNeighborGenerator(RasterGenerator):
             return 1.0
         return cfg
 
-    def logits_to_tokens(
-        self, logits_BlV: torch.Tensor, step: int, sampling: SamplingConfig, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def logits_to_tokens(self, logits_BlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
         """One draw per cell of the diagonal, cell by cell (increasing row), each over the batch: NAR's RNG order."""
-        columns = [sample_tokens(logits_BlV[:, k], sampling, generator) for k in range(logits_BlV.shape[1])]
+        columns = [sample_tokens(logits_BlV[:, k], state.sampling, state.generator) for k in range(logits_BlV.shape[1])]
         return torch.stack(columns, dim=1)
 
 

@@ -6,13 +6,13 @@ in FoundationVision/VAR), with the official state-dict keys so official checkpoi
 tokenizer (`MultiScaleVQTokenizer`) coarse to fine: one step per scale, every position of a scale in
 parallel, each position seeing the positions of its own and all coarser scales (block-causal). The
 input of scale k is the tokenizer's running reconstruction f_hat after scales < k, area-resized to
-scale k's grid. Facts: tests/fixtures/parity/var/SPEC.md sections 3-8.
+scale k's grid. Facts: docs/parity/var.md sections 3-8.
 
 `inter_scale="mamba"` swaps the blocks for M-VAR's (OliverRensu/MVAR; `MVARTransformer`, official
 M-VAR keys, `arzoo.interop.mvar.load_mvar_generator`): attention only within each scale, a causal
 Mamba2 scan over the whole sequence carrying the coarser scales. Sampling then carries each block's
 Mamba2 state from scale to scale (no KV cache, no re-run over the prefix). Facts:
-tests/fixtures/parity/mvar/SPEC.md.
+docs/parity/mvar.md.
 
 Shape letters: B batch, L = sum of pn_k^2 token positions, l one scale's positions, C width,
 Cv codebook width (`codebook_dim`), V vocabulary, H heads, hd head width.
@@ -21,7 +21,6 @@ Cv codebook width (`codebook_dim`), V vocabulary, H heads, hd head width.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 from arzoo.generators.base import BaseGenerator
 from arzoo.generators.registry import register_sizes
 from arzoo.generators.sampling import SamplingConfig, filter_logits_var
+from arzoo.generators.state import SamplingState
 from arzoo.nn.llama import DropPath
 from arzoo.nn.mamba import Mamba2State
 from arzoo.nn.mvar import MVARFFN as FFN  # VAR's MLP, the same in M-VAR
@@ -491,7 +491,7 @@ class MVARTransformer(NextScaleTransformer):
     """M-VAR's class-conditional transformer (OliverRensu/MVAR `models/mvar.py`): VAR's network with
     `MVARBlock`s, i.e. bidirectional attention inside each scale, then a Mamba2 mixer over the whole
     flattened sequence (coarse to fine, causal), then the FFN, with 9 AdaLN vectors per block
-    (`arzoo.nn.mvar`; facts: tests/fixtures/parity/mvar/SPEC.md).
+    (`arzoo.nn.mvar`; facts: docs/parity/mvar.md).
 
     State-dict keys are the official M-VAR ones (SPEC 6): VAR's outside the blocks (`class_emb`,
     `pos_start`, `pos_1LC`, `lvl_embed`, the buffers `lvl_1L` and `attn_bias_for_masking`, here
@@ -656,14 +656,6 @@ def _main_type(x: torch.Tensor) -> torch.dtype:
 # ---- generator: one step per scale, coarse to fine ----
 
 
-@dataclass
-class _SamplingState:
-    """What `generate()` carries from one scale to the next."""
-
-    f_hat: torch.Tensor | None = None  # (B, Cv, P, P) running reconstruction
-    next_input: torch.Tensor | None = None  # (B, Cv, pn, pn) input of the next scale
-
-
 # How positions of different scales mix: VAR's block-causal attention, or M-VAR's intra-scale
 # attention plus a Mamba2 scan over the sequence. Mamba2 defaults: M-VAR's (mamba-ssm 2.2's).
 INTER_SCALE = ("attention", "mamba")
@@ -680,10 +672,10 @@ class NextScaleGenerator(BaseGenerator):
     """VAR as an arzoo paradigm: one step per scale of a `MultiScaleVQTokenizer`, block-causal.
 
     Step k predicts every position of scale k at once from the class and the tokenizer's running
-    reconstruction of scales < k (`step_inputs(tokens, None)` = `tokenizer.teacher_forcing_input`).
-    While sampling, the running f_hat is kept (from `start_sampling` on) and each step's tokens are
-    added to it right after they are drawn; `last_f_hat` holds the final one after `generate()`, and
-    `sample_images` decodes it (so `more_smooth` images are the official ones).
+    reconstruction of scales < k (`teacher_inputs(tokens)` = `tokenizer.teacher_forcing_input`).
+    While sampling, `state.carry` holds the running f_hat and the next scale's input; each step's
+    tokens are added to f_hat right after they are drawn (`update_state`), and `decode_state`
+    decodes the final f_hat (so `more_smooth` images are the official ones).
 
     Guidance is VAR's, in arzoo's convention that `cfg = 1` means none: the guidance weight grows
     linearly over the scales, `t = (cfg - 1) * k / (K - 1)`, logits `(1 + t) * cond - t * uncond`
@@ -790,8 +782,6 @@ class NextScaleGenerator(BaseGenerator):
         self.codebook_dim = int(codebook_dim)
         self.label_smoothing = label_smoothing
         self.more_smooth = more_smooth
-        self.last_f_hat: torch.Tensor | None = None
-        self._sampling: _SamplingState | None = None
         self.inter_scale = inter_scale
         self.net = self.build_network(
             mamba if inter_scale == "mamba" else {},
@@ -843,23 +833,22 @@ class NextScaleGenerator(BaseGenerator):
         """Positions of the first scale (predicted from the class alone)."""
         return self.patch_nums[0] ** 2
 
-    def step_inputs(self, tokens_BN: torch.Tensor, step: int | None) -> torch.Tensor | None:
-        """Teacher forcing (`step=None`): the next-scale inputs (B, N - first_l, Cv) of all scales but
-        the first. While sampling: step 0 None (class tokens only), step k the running f_hat after
-        scale k-1 area-resized to pn_k (B, Cv, pn, pn); outside `generate()`, the same from `tokens_BN`."""
-        if step is None:
-            tok = self.require_tokenizer()
-            # float32 as upstream (its trainer builds the inputs outside the autocast region)
-            with torch.autocast(device_type=tokens_BN.device.type, enabled=False):
-                return tok.teacher_forcing_input(self.split_scales(tokens_BN))
-        if step == 0:
+    def teacher_inputs(self, tokens_BN: torch.Tensor) -> torch.Tensor:
+        """The next-scale inputs (B, N - first_l, Cv) of all scales but the first: the tokenizer's
+        running reconstruction of the coarser scales, area-resized to each scale."""
+        tok = self.require_tokenizer()
+        # float32 as upstream (its trainer builds the inputs outside the autocast region)
+        with torch.autocast(device_type=tokens_BN.device.type, enabled=False):
+            return tok.teacher_forcing_input(self.split_scales(tokens_BN))
+
+    def step_inputs(self, state: SamplingState) -> torch.Tensor | None:
+        """Step 0: None (class tokens only); step k: the running f_hat after scale k-1 area-resized
+        to pn_k (B, Cv, pn, pn), from `state.carry`."""
+        if state.step == 0:
             return None
-        if self._sampling is not None:
-            if self._sampling.next_input is None:
-                raise RuntimeError(f"step {step} has no input yet: the tokens of step {step - 1} were not drawn")
-            return self._sampling.next_input
-        begin, end = self.net.begin_ends[step]
-        return self.step_inputs(tokens_BN, None)[:, begin - self.first_l : end - self.first_l]
+        if state.carry.get("next_input") is None:
+            raise RuntimeError(f"step {state.step} has no input yet: the tokens of step {state.step - 1} were not drawn")
+        return state.carry["next_input"]
 
     def visibility_mask(self) -> torch.Tensor:
         """(N, N) bool, True = may attend. VAR: block-causal (own and coarser scales). M-VAR
@@ -875,7 +864,7 @@ class NextScaleGenerator(BaseGenerator):
         """Logits (B, N, V). With `inter_scale='mamba'` the network's own one-segment-per-scale
         attention is used (flash-attn varlen / FlexAttention on CUDA) rather than the dense `mask`."""
         if self.inter_scale == "mamba":
-            return self(self.step_inputs(tokens_BN, None), labels_B, None)
+            return self(self.teacher_inputs(tokens_BN), labels_B, None)
         return super().teacher_forcing(tokens_BN, labels_B)
 
     def forward(self, inputs: torch.Tensor, labels_B: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -888,84 +877,82 @@ class NextScaleGenerator(BaseGenerator):
             bias = zeros.masked_fill(~mask, float("-inf"))[None, None]
         return self.net(labels_B, inputs, attn_bias=bias)
 
-    def start_sampling(self, batch_size: int) -> None:
+    def start_sampling(self, state: SamplingState) -> SamplingState:
         self.require_tokenizer()
         self.net.sampling_cache(True)
-        self._sampling = _SamplingState()
+        return state
 
-    def forward_step(self, inputs: torch.Tensor | None, labels_B: torch.Tensor, step: int) -> torch.Tensor:
+    def forward_step(self, inputs: torch.Tensor | None, state: SamplingState) -> torch.Tensor:
         """Logits (R, pn_step^2, V) of one scale through the KV caches."""
-        return self.net.forward_scale(labels_B, step, inputs)
+        return self.net.forward_scale(state.labels, state.step, inputs)
 
-    def end_sampling(self) -> None:
+    def end_sampling(self, state: SamplingState) -> SamplingState:
         self.net.sampling_cache(False)
-        if self._sampling is not None:
-            self.last_f_hat = self._sampling.f_hat
-        self._sampling = None
+        return state
 
     def cfg_scale(self, step: int, cfg: float) -> float:
         """The guidance scale `1 + t` of scale `step`, t = (cfg - 1) * step / (num_steps - 1)."""
-        return 1.0 + self._cfg_t(step, cfg)
+        return 1.0 + self.cfg_weight(step, cfg)
 
-    def _cfg_t(self, step: int, cfg: float) -> float:
+    def cfg_weight(self, step: int, cfg: float) -> float:
+        """VAR's guidance weight t of scale `step`: grows linearly from 0 to cfg - 1 over the scales."""
         return (cfg - 1.0) * (step / (self.num_steps - 1))
 
-    def guide_logits(self, cond_BlV: torch.Tensor, uncond_BlV: torch.Tensor, step: int, cfg: float) -> torch.Tensor:
+    def guide_logits(self, cond_BlV: torch.Tensor, uncond_BlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
         """VAR's guidance `(1 + t) * cond - t * uncond` (upstream's op order)."""
-        t = self._cfg_t(step, cfg)
+        t = self.cfg_weight(state.step, state.cfg)
         return (1 + t) * cond_BlV - t * uncond_BlV
 
-    def logits_to_tokens(
-        self, logits_BlV: torch.Tensor, step: int, sampling: SamplingConfig, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def logits_to_tokens(self, logits_BlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
         """VAR's sampler: temperature, `filter_logits_var`, one multinomial over the (B*l, V) rows
-        (or argmax with `greedy`). Inside `generate()` the scale's codes are then added to the running
-        f_hat: the codebook vectors of the ids, or with `more_smooth` the Gumbel-softmax mix (noise
-        drawn from `generator` after the ids, temperature max(0.27 (1 - 0.95 r), 0.005), r = k/(K-1))."""
-        if sampling.greedy and self.more_smooth:
+        (or argmax with `greedy`)."""
+        if state.sampling.greedy and self.more_smooth:
             raise ValueError("more_smooth adds Gumbel noise to every scale: it cannot be combined with greedy=True")
-        ids_Bl, logits = self.draw_scale(logits_BlV, sampling, generator)
-        self.add_scale_to_fhat(step, ids_Bl, logits, generator)
-        return ids_Bl
+        return self.draw_scale(logits_BlV, state.sampling, state.generator)[0]
+
+    def update_state(self, state: SamplingState, ids_Bl: torch.Tensor, logits_BlV: torch.Tensor) -> SamplingState:
+        """Record the scale's tokens and add its codes to the running f_hat (`state.carry`): the
+        codebook vectors of the ids, or with `more_smooth` the Gumbel-softmax mix (noise drawn from
+        the generator after the ids, temperature max(0.27 (1 - 0.95 r), 0.005), r = k/(K-1))."""
+        state = super().update_state(state, ids_Bl, logits_BlV)
+        tok = self.require_tokenizer()
+        assert isinstance(tok, MultiScaleVQTokenizer)
+        step = state.step
+        if state.carry.get("f_hat") is None:
+            P = self.patch_nums[-1]
+            state.carry["f_hat"] = torch.zeros(ids_Bl.shape[0], self.codebook_dim, P, P, device=logits_BlV.device)
+        if self.more_smooth:
+            logits = self.filtered_logits(logits_BlV, state.sampling)
+            ratio = step / (self.num_steps - 1)
+            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+            scaled = logits.mul(1 + ratio)
+            noise = -torch.empty_like(scaled).exponential_(generator=state.generator).log()
+            weights = ((scaled + noise) / tau).softmax(dim=-1)
+            h_BlC = weights @ tok.quantize.embedding.weight.unsqueeze(0)
+        else:
+            h_BlC = tok.embed_tokens(ids_Bl)
+        state.carry["f_hat"], state.carry["next_input"] = tok.next_scale_input(step, state.carry["f_hat"], h_BlC)
+        return state
+
+    def filtered_logits(self, logits_BlV: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """VAR's temperature-scaled, top-k / top-p filtered float logits of one scale."""
+        logits = logits_BlV.float()
+        if sampling.temperature != 1.0:
+            logits = logits / sampling.temperature
+        return filter_logits_var(logits, sampling.top_k, sampling.top_p)
 
     def draw_scale(
         self, logits_BlV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """VAR's draw of one scale: (ids (B, l), the temperature-scaled and filtered float logits)."""
         B, l, V = logits_BlV.shape
-        logits = logits_BlV.float()
-        if sampling.temperature != 1.0:
-            logits = logits / sampling.temperature
-        logits = filter_logits_var(logits, sampling.top_k, sampling.top_p)
+        logits = self.filtered_logits(logits_BlV, sampling)
         if sampling.greedy:
             ids_Bl = logits.argmax(dim=-1)
         else:
             probs = logits.softmax(dim=-1).view(-1, V)
             ids_Bl = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
         return ids_Bl, logits
-
-    def add_scale_to_fhat(
-        self, step: int, ids_Bl: torch.Tensor, logits: torch.Tensor, generator: torch.Generator | None
-    ) -> None:
-        """Inside `generate()`: add scale `step`'s codes to the running f_hat and set the next input
-        (`logits` are `draw_scale`'s, used by `more_smooth`); outside it, nothing."""
-        state = self._sampling
-        if state is not None:
-            tok = self.require_tokenizer()
-            assert isinstance(tok, MultiScaleVQTokenizer)
-            if state.f_hat is None:
-                P = self.patch_nums[-1]
-                state.f_hat = torch.zeros(ids_Bl.shape[0], self.codebook_dim, P, P, device=logits.device)
-            if self.more_smooth:
-                ratio = step / (self.num_steps - 1)
-                tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-                scaled = logits.mul(1 + ratio)
-                noise = -torch.empty_like(scaled).exponential_(generator=generator).log()
-                weights = ((scaled + noise) / tau).softmax(dim=-1)
-                h_BlC = weights @ tok.quantize.embedding.weight.unsqueeze(0)
-            else:
-                h_BlC = tok.embed_tokens(ids_Bl)
-            state.f_hat, state.next_input = tok.next_scale_input(step, state.f_hat, h_BlC)
 
     def sample_random_labels(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """`batch_size` class ids drawn uniformly with replacement, as upstream's sampler does for
@@ -976,12 +963,10 @@ class NextScaleGenerator(BaseGenerator):
         return labels.reshape(batch_size).to(self.device)
 
     @torch.no_grad()
-    def sample_images(self, labels_B: torch.Tensor | list[int], **kwargs: Any) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1]: `generate(...)`, then the tokenizer decodes the final f_hat
-        (upstream's image is `(img + 1) / 2`)."""
-        self.generate(labels_B, **kwargs)
-        assert self.last_f_hat is not None
-        return self.require_tokenizer().decode_fhat(self.last_f_hat)  # type: ignore[attr-defined]
+    def decode_state(self, state: SamplingState) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1]: the tokenizer decodes the final f_hat (upstream's image is
+        `(img + 1) / 2`)."""
+        return self.require_tokenizer().decode_fhat(state.carry["f_hat"])  # type: ignore[attr-defined]
 
     # ---- training --------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 The network is LlamaGen's GPT (`Transformer` of `autoregressive/models/gpt.py` in
 FoundationVision/LlamaGen, `model_type='c2i'`), with the official state-dict keys so official
-checkpoints load unchanged (`arzoo.interop.llamagen.load_gpt`). Facts: tests/fixtures/parity/
-llamagen/SPEC.md sections 1-4 and 6.
+checkpoints load unchanged (`arzoo.interop.llamagen.load_gpt`). Facts: docs/parity/llamagen.md
+sections 1-4 and 6.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 
 from arzoo.generators.base import BaseGenerator
 from arzoo.generators.registry import register_sizes
+from arzoo.generators.state import SamplingState
 from arzoo.nn.llama import RMSNorm, TransformerBlock
 from arzoo.nn.rope import rope_2d_table
 
@@ -203,7 +204,8 @@ class RasterTransformer(nn.Module):
         """RoPE rows (1 + num_tokens, hd/2, 2) for [class slot] + num_tokens image tokens.
 
         Row 0 is the class row (zeros); row s >= 1 is the row of grid cell `cell_positions[s-1]`
-        (raster index r*g + c; default: cell s-1, i.e. raster order).
+        (raster index r*g + c; default: cell s-1, i.e. raster order). `cell_positions` of shape
+        (B, num_tokens) gives every batch row its own cells: rows (B, 1 + num_tokens, hd/2, 2).
         """
         device = torch.device(device) if device is not None else self.tok_embeddings.weight.device
         table = self._rope_table(device)
@@ -214,28 +216,42 @@ class RasterTransformer(nn.Module):
             )
         if cell_positions is None:
             return table[: 1 + num_tokens]
-        if cell_positions.shape != (num_tokens,) or cell_positions.is_floating_point():
+        if cell_positions.shape[-1:] != (num_tokens,) or cell_positions.dim() > 2 or cell_positions.is_floating_point():
             raise ValueError(
-                f"cell_positions must be an integer tensor of shape ({num_tokens},) (one grid cell "
-                f"per token), got {cell_positions.dtype} {tuple(cell_positions.shape)}"
+                f"cell_positions must be an integer tensor of shape ({num_tokens},) or (B, {num_tokens}) (one "
+                f"grid cell per token), got {cell_positions.dtype} {tuple(cell_positions.shape)}"
             )
         if num_tokens and (int(cell_positions.min()) < 0 or int(cell_positions.max()) >= self.num_tokens):
             raise ValueError(f"cell_positions must lie in [0, {self.num_tokens}) (raster indices r*g + c)")
-        index = torch.cat([cell_positions.new_zeros(1), cell_positions + 1]).to(device)
-        return table[index]
+        class_row = cell_positions.new_zeros(*cell_positions.shape[:-1], 1)
+        index = torch.cat([class_row, cell_positions + 1], dim=-1).to(device)
+        return table[index]  # (1 + T, hd/2, 2), or per row (B, 1 + T, hd/2, 2)
 
     # -- full-sequence forward -------------------------------------------------------------------
 
-    def _run_blocks(
+    def run_blocks(
         self,
-        x: torch.Tensor,
+        x_BLD: torch.Tensor,
         freqs: torch.Tensor,
         mask: torch.Tensor | None,
-        input_pos: torch.Tensor | None,
+        input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The transformer blocks: slots x (B, L, D) with RoPE rows `freqs` ((L, hd/2, 2), or per row
+        (B, L, hd/2, 2)) -> hidden states (B, L, D). With `input_pos` (L,) the k/v are written into the
+        KV cache at those slots and attention runs over the cache."""
         for layer in self.layers:
-            x = layer(x, freqs, mask, input_pos)
-        return self.output(self.norm(x)).float()
+            x_BLD = layer(x_BLD, freqs, mask, input_pos)
+        return x_BLD
+
+    def head(self, h_BLD: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, L, D) -> float32 logits (B, L, V)."""
+        return self.output(self.norm(h_BLD)).float()
+
+    def cached_step(self, x_BLD: torch.Tensor, freqs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Write slots x (B, L, D) (any number) at sequence positions `slots` (L,) of the KV cache and
+        attend causally over the cache -> logits (B, L, V)."""
+        causal = self._require_cache(x_BLD.shape[0])
+        return self.head(self.run_blocks(x_BLD, freqs, causal[slots][None, None], slots))
 
     def forward(
         self,
@@ -274,7 +290,7 @@ class RasterTransformer(nn.Module):
             causal = self._require_cache(tokens.shape[0])
             if mask is None:
                 mask = causal[input_pos][None, None]
-        return self._run_blocks(x, freqs, mask, input_pos)
+        return self.head(self.run_blocks(x, freqs, mask, input_pos))
 
     # -- KV-cached decoding ------------------------------------------------------------------------
 
@@ -327,7 +343,7 @@ class RasterTransformer(nn.Module):
         assert self._slots is not None
         x = self.tok_dropout(self.embed_class(labels))
         freqs = self._rope_table(x.device)[:1]
-        return self._run_blocks(x, freqs, causal[:1][None, None], self._slots[:1])[:, -1]
+        return self.head(self.run_blocks(x, freqs, causal[:1][None, None], self._slots[:1]))[:, -1]
 
     def decode_step(self, tokens: torch.Tensor, slot_pos: int, cell: int) -> torch.Tensor:
         """Feed `tokens` (B, 1) at sequence slot `slot_pos` with the RoPE row of grid cell `cell`
@@ -348,7 +364,7 @@ class RasterTransformer(nn.Module):
         x = self.tok_dropout(self.tok_embeddings(tokens))
         freqs = self._rope_table(x.device)[1 + cell : 2 + cell]
         mask = causal[slot_pos : slot_pos + 1][None, None]
-        return self._run_blocks(x, freqs, mask, self._slots[slot_pos : slot_pos + 1])[:, -1]
+        return self.head(self.run_blocks(x, freqs, mask, self._slots[slot_pos : slot_pos + 1]))[:, -1]
 
 
 # ---- generator: one token per step, raster order ----
@@ -427,12 +443,16 @@ class RasterGenerator(BaseGenerator):
         """Raster order: step i predicts cell i."""
         return [torch.tensor([i]) for i in range(self.num_tokens)]
 
-    def step_inputs(self, tokens_BN: torch.Tensor, step: int | None) -> torch.Tensor | None:
-        """The previously predicted token (teacher forcing: all but the last, in prediction order)."""
-        order = self.prediction_order.to(tokens_BN.device)
-        if step is None:
-            return tokens_BN[:, order[:-1]]
-        return None if step == 0 else tokens_BN[:, order[step - 1 : step]]
+    def teacher_inputs(self, tokens_BN: torch.Tensor) -> torch.Tensor:
+        """Each step reads the previously predicted token: all but the last, in prediction order."""
+        return tokens_BN[:, self.prediction_order[:-1].to(tokens_BN.device)]
+
+    def step_inputs(self, state: SamplingState) -> torch.Tensor | None:
+        """The token drawn at the previous step (R, 1); None at step 0 (the class token alone)."""
+        if state.step == 0:
+            return None
+        cells = self.prediction_order[state.step - 1 : state.step].to(state.tokens.device)
+        return state.tokens[:, cells]
 
     def forward(self, inputs: torch.Tensor, labels_B: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: tokens (B, N-1) in prediction order -> logits (B, N, V)."""
@@ -445,18 +465,20 @@ class RasterGenerator(BaseGenerator):
         n = self.num_tokens
         return torch.equal(self.mask.cpu(), torch.tril(torch.ones(n, n, dtype=torch.bool)))
 
-    def start_sampling(self, batch_size: int) -> None:
-        self.net.setup_cache(batch_size, 1 + self.num_tokens)
+    def start_sampling(self, state: SamplingState) -> SamplingState:
+        self.net.setup_cache(len(state.labels), 1 + self.num_tokens)
+        return state
 
-    def forward_step(self, inputs: torch.Tensor | None, labels_B: torch.Tensor, step: int) -> torch.Tensor:
-        """Step 0 reads the class token, step k > 0 the token of step k-1 -> logits (B, 1, V)."""
-        if step == 0:
-            return self.net.prefill(labels_B)[:, None]
-        cell = int(self.prediction_order[step - 1])
-        return self.net.decode_step(inputs, slot_pos=step, cell=cell)[:, None]
+    def forward_step(self, inputs: torch.Tensor | None, state: SamplingState) -> torch.Tensor:
+        """Step 0 reads the class token, step k > 0 the token of step k-1 -> logits (R, 1, V)."""
+        if state.step == 0:
+            return self.net.prefill(state.labels)[:, None]
+        cell = int(self.prediction_order[state.step - 1])
+        return self.net.decode_step(inputs, slot_pos=state.step, cell=cell)[:, None]
 
-    def end_sampling(self) -> None:
+    def end_sampling(self, state: SamplingState) -> SamplingState:
         self.net.clear_cache()
+        return state
 
     def cfg_scale(self, step: int, cfg: float) -> float:
         """LlamaGen's `cfg_interval`: tokens 0 .. cfg_interval + 1 are guided, later ones are not."""

@@ -1,7 +1,7 @@
 """LlamaGen's 2-D rotary position embedding (RoPE) over a g x g token grid.
 
 Follows `precompute_freqs_cis_2d` and `apply_rotary_emb` of FoundationVision/LlamaGen
-(`autoregressive/models/gpt.py`; tests/fixtures/parity/llamagen/SPEC.md section 3.4):
+(`autoregressive/models/gpt.py`; docs/parity/llamagen.md section 3.4):
 
 * A table row holds `head_dim / 2` (cos, sin) pairs, float32. The first `head_dim / 4` angles are
   the cell's row index times the base frequencies, the last `head_dim / 4` its column index times
@@ -93,7 +93,8 @@ def rope_2d_table(
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of `x` (B, L, H, hd) by `freqs` (L, hd/2, 2); same shape and dtype.
+    """Rotate interleaved pairs of `x` (B, L, H, hd) by `freqs` (L, hd/2, 2), or per batch row
+    (B, L, hd/2, 2); same shape and dtype.
 
     Pair j = (x[2j], x[2j+1]) becomes (x0*cos_j - x1*sin_j, x1*cos_j + x0*sin_j), computed in
     float32 and cast back to x's dtype (the official `apply_rotary_emb`).
@@ -101,13 +102,14 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"apply_rope expects x of shape (B, L, H, hd), got {tuple(x.shape)}")
     seq_len, head_dim = x.shape[1], x.shape[3]
-    if head_dim % 2 != 0 or tuple(freqs.shape) != (seq_len, head_dim // 2, 2):
+    per_row = freqs.dim() == 4
+    expected = ((x.shape[0],) if per_row else ()) + (seq_len, head_dim // 2, 2)
+    if head_dim % 2 != 0 or tuple(freqs.shape) != expected:
         raise ValueError(
-            f"RoPE rows of shape {tuple(freqs.shape)} do not fit x of shape {tuple(x.shape)}: "
-            f"expected ({seq_len}, {head_dim // 2}, 2)"
+            f"RoPE rows of shape {tuple(freqs.shape)} do not fit x of shape {tuple(x.shape)}: expected {expected}"
         )
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, L, H, hd/2, 2)
-    freqs = freqs.reshape(1, seq_len, 1, head_dim // 2, 2)
+    freqs = freqs.reshape(x.shape[0] if per_row else 1, seq_len, 1, head_dim // 2, 2)
     rotated = torch.stack(
         [
             pairs[..., 0] * freqs[..., 0] - pairs[..., 1] * freqs[..., 1],
