@@ -6,9 +6,11 @@ from arzoo.generators.masked_hierarchical import HMARTransformer, MaskedHierarch
 from arzoo.generators.next_frequency import NextFrequencyGenerator
 from arzoo.generators.next_neighbor import NeighborTransformer, NextNeighborGenerator
 from arzoo.generators.next_scale import MVARTransformer, NextScaleGenerator, NextScaleTransformer
+from arzoo.generators.random_order import RandomOrderGenerator, RandomOrderTransformer
 from arzoo.generators.raster import RasterGenerator, RasterTransformer
 from arzoo.generators.registry import create_generator, generator_config, list_generators, register_sizes
 from arzoo.generators.sampling import SamplingConfig, filter_logits, filter_logits_var, guide, sample_tokens
+from arzoo.generators.state import SamplingState
 
 __all__ = [
     "BaseGenerator",
@@ -20,10 +22,13 @@ __all__ = [
     "NextNeighborGenerator",
     "NextScaleGenerator",
     "NextScaleTransformer",
+    "RandomOrderGenerator",
+    "RandomOrderTransformer",
     "RasterGenerator",
     "RasterTransformer",
     "SampleGrid",
     "SamplingConfig",
+    "SamplingState",
     "create_generator",
     "filter_logits",
     "filter_logits_var",
