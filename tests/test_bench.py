@@ -221,6 +221,8 @@ def test_a_tiny_suite_end_to_end_and_resumed(tmp_path: Path, monkeypatch: pytest
              "evaluation": {"temperature": 0.9}},
             {"name": "columns", "recipe": "recipes/digits/raster.yaml", "tokenizer": "vq",
              "overrides": {**tiny, "model.class_path": "column_major.ColumnMajorRaster"}},
+            {"name": "raster-t0.5", "recipe": "recipes/digits/raster.yaml", "tokenizer": "vq", "overrides": tiny,
+             "model_of": "raster", "evaluation": {"temperature": 0.5}},  # the raster model, sampled otherwise
         ],
     )
     out = tmp_path / "out"
@@ -238,9 +240,31 @@ def test_a_tiny_suite_end_to_end_and_resumed(tmp_path: Path, monkeypatch: pytest
     assert {("vq", "reconstruction"), ("vq", "random tokens")} <= kinds and len(kinds) == 3  # + real images
     assert (out / "leaderboard.md").is_file() and (out / "leaderboard.html").is_file()
     assert len(list((out / "tokenizers").iterdir())) == 1  # one tokenizer run shared by both entries
+    cooler = rows["raster-t0.5"]
+    assert cooler["train_steps"] == 2 and cooler["evaluation"]["temperature"] == 0.5
+    assert not (out / cooler["entry_folder"] / "last.ckpt").exists()  # evaluated, never trained
 
     stamp = (out / row["entry_folder"] / "last.ckpt").stat().st_mtime_ns
     run_suite(str(suite), out=str(out))  # finished runs are neither retrained nor re-evaluated
     assert (out / row["entry_folder"] / "last.ckpt").stat().st_mtime_ns == stamp
     again = {r["name"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
     assert again["raster"]["fid"] == row["fid"]
+
+
+def test_sampling_options_are_evaluation_settings_not_training(tmp_path: Path) -> None:
+    """An entry with `model_of` evaluates an earlier entry's model under other sampling options."""
+    from arzoo.bench.evaluate import _sampling_kwargs
+
+    entry = {"name": "ro", "recipe": "recipes/digits/random_order.yaml", "tokenizer": "vq"}
+    raster_order = dict(entry, name="ro-raster", model_of="ro", evaluation={"options": {"order": "raster"}})
+    suite = load_suite(str(write_suite(tmp_path, entries=[entry, raster_order])))
+    plain, other = suite.entries
+    assert other.model_of == "ro" and plain.config_hash == other.config_hash  # one training run
+    assert plain.evaluation["options"] == {} and other.evaluation["options"] == {"order": "raster"}
+    assert _sampling_kwargs(other.evaluation) == {"cfg": 2.0, "temperature": 1.0, "top_k": None, "top_p": 1.0,
+                                                  "order": "raster"}
+    with pytest.raises(ValueError, match="entry 'x' evaluates the model of 'nope', which is not an earlier entry"):
+        load_suite(str(write_suite(tmp_path, entries=[entry, dict(entry, name="x", model_of="nope")])))
+    changed = dict(entry, name="x", model_of="ro", overrides={"model.init_args.n_layer": 2})
+    with pytest.raises(ValueError, match="may change only its evaluation settings"):
+        load_suite(str(write_suite(tmp_path, entries=[entry, changed])))

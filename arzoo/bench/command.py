@@ -120,6 +120,9 @@ def run_suite(suite_name: str, out: str | None = None, force: bool = False, devi
             folder = out_dir / ("tokenizers" if run.kind == "tokenizer" else "entries") / run.folder_name
             if run.kind == "generator" and not run.tokenizer and "tokenizer_path" not in run.config["model"].get("init_args", {}):
                 console.print(f"[yellow]{run.name}: no suite tokenizer; using the recipe's own[/yellow]")
+            if run.model_of is not None:  # evaluates another entry's model: nothing to train
+                train_stats[run.name] = train_stats[run.model_of]
+                continue
             if is_trained(folder) and not force:
                 train_stats[run.name] = json.loads((folder / "train_stats.json").read_text())
                 progress.console.print(f"reuse trained {run.kind} {run.name} ({folder.name})")
@@ -166,6 +169,7 @@ def run_suite(suite_name: str, out: str | None = None, force: bool = False, devi
 
         # 4. every generator under the same settings (an entry's own overrides are shown)
         rows: list[dict[str, Any]] = []
+        by_name = {r.name: r for r in suite.entries}
         for run in suite.entries:
             if not run.evaluate:
                 continue
@@ -180,12 +184,14 @@ def run_suite(suite_name: str, out: str | None = None, force: bool = False, devi
                     continue
             task = progress.add_task(f"evaluate {run.name} ({run.evaluation['num_samples']} samples)", total=None)
             load = load_average()
+            trained = out_dir / "entries" / by_name[run.model_of].folder_name if run.model_of else folder
+            folder.mkdir(parents=True, exist_ok=True)
             row = evaluate_generator(
-                folder / "last.ckpt", data_config, run.evaluation, metrics, device, folder / "samples.png",
+                trained / "last.ckpt", data_config, run.evaluation, metrics, device, folder / "samples.png",
                 (run.config.get("model") or {}).get("class_path"),
             )
             row["val_unigram_loss"] = unigram.get(run.tokenizer) if run.tokenizer else row.get("val_unigram_loss")
-            stats = _chain_stats(suite, run, train_stats)
+            stats = _chain_stats(suite, by_name[run.model_of] if run.model_of else run, train_stats)
             row.update(
                 name=run.name, recipe=run.recipe, config_hash=run.config_hash, eval_hash=eval_key,
                 entry_folder=str(folder.relative_to(out_dir)), tokenizer=run.tokenizer,

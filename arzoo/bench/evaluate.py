@@ -50,7 +50,7 @@ def evaluate_real(images: torch.Tensor, labels: torch.Tensor, metrics: Generativ
 
 
 def _sampling_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: settings[k] for k in ("cfg", "temperature", "top_k", "top_p")}
+    return {**{k: settings[k] for k in ("cfg", "temperature", "top_k", "top_p")}, **(settings.get("options") or {})}
 
 
 def validation_loss(model: BaseGenerator, datamodule: Any) -> dict[str, float]:

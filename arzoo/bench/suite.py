@@ -27,7 +27,7 @@ import copy
 import hashlib
 import json
 import difflib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING as MISSING_FACTORY, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -60,6 +60,8 @@ class EvaluationSpec:
     seed: int = 0
     feature: str = "digits"
     latency_batch: int = 16
+    # the paradigm's declared `sampling_options` (e.g. HMAR's mask_schedule): no retraining needed
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class EntrySpec:
     overrides: Dict[str, Any] = field(default_factory=dict)
     evaluation: Dict[str, Any] = field(default_factory=dict)  # checked against EvaluationSpec once merged
     init_from: Optional[str] = None
+    model_of: Optional[str] = None  # evaluate that earlier entry's trained model (e.g. other sampling options)
     budget_share: float = 1.0
     evaluate: bool = True
 
@@ -96,7 +99,9 @@ class SuiteSpec:
     entries: List[Any] = field(default_factory=list)  # each checked against EntrySpec
 
 
-EVALUATION_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(EvaluationSpec)}
+EVALUATION_DEFAULTS: dict[str, Any] = {
+    f.name: f.default_factory() if f.default_factory is not MISSING_FACTORY else f.default for f in fields(EvaluationSpec)
+}
 
 
 def _validated(schema: type, raw: Any, where: str) -> dict[str, Any]:
@@ -169,6 +174,7 @@ class Run:
     config: dict[str, Any]
     tokenizer: str | None = None
     init_from: str | None = None  # the entry whose checkpoint this one starts from (a later training stage)
+    model_of: str | None = None  # the entry whose trained model this one evaluates (it trains nothing itself)
     evaluate: bool = True
     evaluation: dict[str, Any] = field(default_factory=dict)
     evaluation_overrides: dict[str, Any] = field(default_factory=dict)
@@ -298,11 +304,24 @@ def load_suite(suite: str) -> Suite:
             config["model"].setdefault("init_args", {})["init_from"] = f"entries/{earlier[init_from].folder_name}/last.ckpt"
         if tok is not None:  # the tokenizer run's checkpoint is decided by its hash, so this stays stable
             config["model"].setdefault("init_args", {})["tokenizer_path"] = f"tokenizers/{tokenizers[tok].folder_name}/last.ckpt"
+        model_of = spec["model_of"]
+        if model_of is not None:
+            earlier = {r.name: r for r in entries}
+            if model_of not in earlier or earlier[model_of].model_of is not None:
+                raise ValueError(
+                    f"{entry_where} evaluates the model of {model_of!r}, which is not an earlier entry that trains "
+                    f"(earlier: {sorted(k for k, r in earlier.items() if r.model_of is None)})"
+                )
+            if earlier[model_of].config_hash != config_hash(config):
+                raise ValueError(
+                    f"{entry_where} evaluates the model of {model_of!r} but its recipe or overrides differ; "
+                    f"an entry with model_of may change only its evaluation settings"
+                )
         entry_eval = dict(entry_raw.get("evaluation") or {})
         merged = _validated(EvaluationSpec, {**evaluation, **entry_eval}, f"{entry_where}: evaluation")
         entries.append(
             Run(
-                entry_name, "generator", spec["recipe"], config, tokenizer=tok, init_from=init_from,
+                entry_name, "generator", spec["recipe"], config, tokenizer=tok, init_from=init_from, model_of=model_of,
                 evaluate=spec["evaluate"], evaluation=merged,
                 evaluation_overrides={k: merged[k] for k in entry_eval}, overrides=dict(spec["overrides"]),
             )
