@@ -72,7 +72,7 @@ def filter_logits_var(logits: torch.Tensor, top_k: int | None = None, top_p: flo
     """Top-k then top-p filtering with -inf, as VAR's `sample_with_top_k_top_p_` (returns a new tensor).
 
     Works on any (..., V) shape, row by row over the last axis, with VAR's op order (so that a
-    seeded draw from the result reproduces the official ids; tests/fixtures/parity/var/SPEC.md 5):
+    seeded draw from the result reproduces the official ids; docs/parity/var.md 5):
 
     * top-k (`top_k` not None; VAR's `top_k > 0`): logits strictly below the k-th largest of their
       row become -inf (ties with the threshold survive).

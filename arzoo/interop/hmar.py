@@ -1,7 +1,7 @@
 """Load official HMAR (NVlabs/HMAR) checkpoints into arzoo's `MaskedHierarchicalGenerator`.
 
 HMAR ships inference checkpoints (`hmar-dXX.pth`) in the layout of its `HMAR` class
-(tests/fixtures/parity/hmar/SPEC.md section 1): `base_blocks`, `ns_blocks`, `mask_blocks`,
+(docs/parity/hmar.md section 1): `base_blocks`, `ns_blocks`, `mask_blocks`,
 `ns_head*`, `mask_head*`, `word_embed` without bias plus `word_embed_bias`, `mask_embed`. arzoo's
 `HMARTransformer` has exactly these keys, so they load strictly. Its tokenizer is VAR's released
 VQVAE (`arzoo.interop.var.load_vqvae('vae_ch160v4096z32.pth')`).

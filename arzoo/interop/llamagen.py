@@ -11,7 +11,7 @@ Sections:
   (`load_gpt_weights`, `load_gpt_network`, `build_gpt_generator`) also serve NAR (`arzoo.interop.nar`),
   whose checkpoints share LlamaGen's layout.
 
-Facts used here are in tests/fixtures/parity/llamagen/SPEC.md (sections 1, 2, 5, 6 and 8).
+Facts used here are in docs/parity/llamagen.md (sections 1, 2, 5, 6 and 8).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Load official M-VAR (OliverRensu/MVAR) configs and checkpoints into arzoo modules.
 
-M-VAR is VAR with a Mamba2 mixer across scales (tests/fixtures/parity/mvar/SPEC.md): its constructor
+M-VAR is VAR with a Mamba2 mixer across scales (docs/parity/mvar.md): its constructor
 takes exactly VAR's arguments (`MVAR(vae_local, num_classes, depth, ...)`), its tokenizer is VAR's
 released VQVAE (`arzoo.interop.var.load_vqvae`), and its state dict is VAR's outside the blocks. In
 arzoo it is a `NextScaleGenerator` with `inter_scale="mamba"` (network `MVARTransformer`).

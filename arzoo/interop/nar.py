@@ -8,7 +8,7 @@ are LlamaGen's (`load_gpt_weights`, `load_gpt_network`, `build_gpt_generator`); 
 is the config mapping, the presets (LlamaGen's plus GPT-M) and the NAR-specific keys, hint and
 classes (`NeighborTransformer` / `NextNeighborGenerator`). The tokenizer is LlamaGen's VQ
 (`arzoo.interop.llamagen.load_vq_tokenizer`).
-Facts: tests/fixtures/parity/nar/SPEC.md sections 1, 2 and 6.
+Facts: docs/parity/nar.md sections 1, 2 and 6.
 """
 
 from __future__ import annotations

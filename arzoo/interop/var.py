@@ -10,7 +10,7 @@ Sections:
   (`var_config_from_state_dict`) and `load_var_generator` (the network inside a `NextScaleGenerator`,
   to sample as upstream's `autoregressive_infer_cfg`).
 
-Facts used here are in tests/fixtures/parity/var/SPEC.md (sections 1, 3, 5 and 7) and README.md.
+Facts used here are in docs/parity/var.md (sections 1, 3, 5 and 7) and README.md.
 """
 
 from __future__ import annotations

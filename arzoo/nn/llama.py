@@ -1,7 +1,7 @@
 """LlamaGen's transformer pieces (RMSNorm, SwiGLU, RoPE attention, pre-norm block).
 
 Attribute names are those of `autoregressive/models/gpt.py` in FoundationVision/LlamaGen, so that
-official state dicts load unchanged (tests/fixtures/parity/llamagen/SPEC.md sections 2-3):
+official state dicts load unchanged (docs/parity/llamagen.md sections 2-3):
 `attention.wqkv`, `attention.wo`, `feed_forward.w1/w3/w2`, `attention_norm`, `ffn_norm`, all
 Linear layers without bias. Grouped-query attention is not supported (upstream's KV cache breaks
 with it; SPEC section 1).

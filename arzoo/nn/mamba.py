@@ -2,7 +2,7 @@
 recurrent state for feeding a sequence in pieces.
 
 Checkpoint layout: exactly `mamba_ssm.Mamba2` (2.2.x), so that official state dicts (e.g. M-VAR's
-`blocks.{i}.mamba.*`, tests/fixtures/parity/mvar/SPEC.md section 6) load strictly:
+`blocks.{i}.mamba.*`, docs/parity/mvar.md section 6) load strictly:
 
 | key | shape |
 |---|---|

@@ -1,5 +1,5 @@
 """M-VAR's transformer block: VAR's AdaLN block with intra-scale attention and a Mamba2 mixer across
-scales (OliverRensu/MVAR `models/basic_mvar.py`; tests/fixtures/parity/mvar/SPEC.md sections 2-3).
+scales (OliverRensu/MVAR `models/basic_mvar.py`; docs/parity/mvar.md sections 2-3).
 
 Parameter names are those of one official block with the `blocks.{i}.` prefix stripped, so the
 released checkpoints' block weights load strictly:

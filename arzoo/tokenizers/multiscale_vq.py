@@ -1,7 +1,7 @@
 """VAR's multi-scale residual VQVAE (`VQVAE` + `VectorQuantizer2`), with its official state-dict layout.
 
 Architecture and quantiser math follow `models/{vqvae,quant,basic_vae}.py` of FoundationVision/VAR
-(see tests/fixtures/parity/var/SPEC.md sections 1 and 2). An image is encoded to a feature map
+(see docs/parity/var.md sections 1 and 2). An image is encoded to a feature map
 f (B, Cv, P, P); the quantiser then explains it coarse to fine: at scale k the residual is
 area-resized to pn_k x pn_k, every cell takes its nearest codebook vector, the code map is
 bicubic-upsampled back to P x P, refined by a small conv Phi and added to the running sum f_hat.

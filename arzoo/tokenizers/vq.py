@@ -1,7 +1,7 @@
 """LlamaGen's single-scale VQ tokenizer (`VQModel`), with its official state-dict layout.
 
 Architecture and quantiser math follow `tokenizer/tokenizer_image/vq_model.py` of
-FoundationVision/LlamaGen (see tests/fixtures/parity/llamagen/SPEC.md section 5): a taming-style
+FoundationVision/LlamaGen (see docs/parity/llamagen.md section 5): a taming-style
 conv encoder, a 1x1 `quant_conv` down to the codebook width E, nearest-neighbour lookup in an
 (optionally l2-normalised) codebook of K vectors, a 1x1 `post_quant_conv` and a mirrored decoder.
 Attribute names are the official ones, so official checkpoints load with `load_state_dict` (see
