@@ -35,13 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from arzoo.checkpoint_io import extract_state_dict, read_checkpoint
-from arzoo.generators.next_scale import (
-    PATCH_NUMS_256,
-    NextScaleGenerator,
-    NextScaleTransformer,
-    SelfAttention,
-    _main_type,
-)
+from arzoo.generators.next_scale import PATCH_NUMS_256, NextScaleGenerator
+from arzoo.networks.var import NextScaleTransformer
+from arzoo.networks.var import matmul_dtype as _main_type
+from arzoo.nn.var import SelfAttention
 from arzoo.generators.registry import register_sizes
 from arzoo.generators.state import SamplingState
 from arzoo.nn.mvar import scale_lengths, segment_attention

@@ -1,0 +1,7 @@
+"""Whole networks (nn.Modules with the official state-dict keys), one file per family; the
+generators in `arzoo.generators` wrap them. Built from `arzoo.nn` layers only."""
+
+from arzoo.networks.mvar import MVARTransformer
+from arzoo.networks.var import NextScaleTransformer
+
+__all__ = ["MVARTransformer", "NextScaleTransformer"]
