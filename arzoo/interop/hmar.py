@@ -30,11 +30,8 @@ import torch
 
 from arzoo.checkpoint_io import extract_state_dict
 from arzoo.checkpoint_io import read_checkpoint as load_checkpoint_file
-from arzoo.generators.masked_hierarchical import (
-    MaskedHierarchicalGenerator,
-    stage1_key_to_inference,
-    stage2_key_to_inference,
-)
+from arzoo.generators.masked_hierarchical import MaskedHierarchicalGenerator
+from arzoo.networks.hmar import stage1_key_to_inference, stage2_key_to_inference
 from arzoo.interop.var import build_loaded_generator, check_tokenizer_args
 from arzoo.tokenizers.multiscale_vq import MultiScaleVQTokenizer
 

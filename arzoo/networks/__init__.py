@@ -1,7 +1,8 @@
 """Whole networks (nn.Modules with the official state-dict keys), one file per family; the
 generators in `arzoo.generators` wrap them. Built from `arzoo.nn` layers only."""
 
+from arzoo.networks.hmar import HMARTransformer
 from arzoo.networks.mvar import MVARTransformer
 from arzoo.networks.var import NextScaleTransformer
 
-__all__ = ["MVARTransformer", "NextScaleTransformer"]
+__all__ = ["HMARTransformer", "MVARTransformer", "NextScaleTransformer"]
