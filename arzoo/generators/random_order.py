@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from arzoo.generators.raster import RasterGenerator, RasterTransformer
+from arzoo.generators.raster import RasterGenerator
+from arzoo.networks.llamagen import RasterTransformer
 from arzoo.generators.state import SamplingState
 
 ORDERS = ("random", "raster")
