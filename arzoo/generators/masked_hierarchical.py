@@ -134,8 +134,7 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
         for name in ("inter_scale", "more_smooth", "shared_aln"):
             if kwargs.get(name) not in (None, False, "attention"):
                 raise ValueError(f"HMAR does not support {name}={kwargs[name]!r}")
-        self._net_extra = dict(n_layers_train=n_layers_train, attn_backend=attn_backend)  # for build_network
-        super().__init__(init_adaln_gamma=init_adaln_gamma, **kwargs)
+        super().__init__(init_adaln_gamma=init_adaln_gamma, **kwargs)  # builds the network (build_network)
         self.stage = stage
         self.loss_weighting = loss_weighting
         self.mask_schedule = self.check_mask_schedule(
@@ -147,8 +146,10 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
         self.set_trainable()
 
     def build_network(self, extra: Mapping[str, Any], **net_kwargs: Any) -> nn.Module:
-        """`HMARTransformer` (the official inference layout) with VAR's network arguments."""
-        return HMARTransformer(**self._net_extra, **net_kwargs)
+        """`HMARTransformer` (the official inference layout) with VAR's network arguments and HMAR's
+        own (`n_layers_train`, `attn_backend`, from the saved constructor arguments)."""
+        return HMARTransformer(n_layers_train=self.hparams.n_layers_train, attn_backend=self.hparams.attn_backend,
+                               **net_kwargs)  # fmt: skip
 
     # ---- stages ----------------------------------------------------------------------------------
 
