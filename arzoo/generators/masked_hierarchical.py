@@ -235,7 +235,7 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
         h_BChw = tok.embed_tokens(ids_Bl).transpose(1, 2).reshape(ids_Bl.shape[0], self.codebook_dim, pn, pn)
         if si != len(self.patch_nums) - 1:
             h_BChw = F.interpolate(h_BChw, size=(P, P), mode="bicubic")
-        h_BChw = F.interpolate(tok.quantize.phi(si)(h_BChw), size=(pn, pn), mode="area")
+        h_BChw = F.interpolate(tok.refine_scale_codes(si, h_BChw), size=(pn, pn), mode="area")
         return h_BChw.flatten(2).transpose(1, 2)
 
     def own_scale_inputs(self, tokens_BN: torch.Tensor) -> torch.Tensor:

@@ -310,7 +310,7 @@ class NextScaleGenerator(BaseGenerator):
             scaled = logits.mul(1 + ratio)
             noise = -torch.empty_like(scaled).exponential_(generator=state.generator).log()
             weights = ((scaled + noise) / tau).softmax(dim=-1)
-            h_BlC = weights @ tok.quantize.embedding.weight.unsqueeze(0)
+            h_BlC = tok.embed_soft(weights)
         else:
             h_BlC = tok.embed_tokens(ids_Bl)
         state.carry["f_hat"], state.carry["next_input"] = tok.next_scale_input(step, state.carry["f_hat"], h_BlC)

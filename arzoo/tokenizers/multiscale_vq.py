@@ -597,6 +597,16 @@ class MultiScaleVQTokenizer(Tokenizer):
             raise ValueError(f"embed_tokens expects ids of shape (B, l) or (B, h, w), got {tuple(ids.shape)}")
         return self.quantize.embedding(ids.flatten(1))
 
+    def embed_soft(self, weights_BlV: torch.Tensor) -> torch.Tensor:
+        """A mixture of codebook vectors per position: weights (B, l, V) -> embeddings (B, l, Cv)
+        (VAR's Gumbel-softmax `more_smooth` codes)."""
+        return weights_BlV @ self.quantize.embedding.weight.unsqueeze(0)
+
+    def refine_scale_codes(self, si: int, h_BChw: torch.Tensor) -> torch.Tensor:
+        """Scale si's residual refinement phi_si (the convolution applied before a scale is added to
+        f_hat): (B, Cv, h, w) -> (B, Cv, h, w)."""
+        return self.quantize.phi(si)(h_BChw)
+
     def _flat_ids(
         self, token_maps: Sequence[torch.Tensor], allow_missing_last: bool = False
     ) -> list[torch.Tensor]:
