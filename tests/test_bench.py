@@ -268,3 +268,17 @@ def test_sampling_options_are_evaluation_settings_not_training(tmp_path: Path) -
     changed = dict(entry, name="x", model_of="ro", overrides={"model.init_args.n_layer": 2})
     with pytest.raises(ValueError, match="may change only its evaluation settings"):
         load_suite(str(write_suite(tmp_path, entries=[entry, changed])))
+
+
+def test_a_tokenizer_can_be_an_existing_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "vq.ckpt"
+    ckpt.write_bytes(b"a trained tokenizer")
+    suite = load_suite(str(write_suite(tmp_path, tokenizers={"vq": {"checkpoint": str(ckpt)}})))
+    tok = suite.tokenizers["vq"]
+    assert tok.checkpoint == str(ckpt.resolve()) and tok.trained_checkpoint == str(ckpt.resolve())
+    assert suite.entries[0].config["model"]["init_args"]["tokenizer_path"] == str(ckpt.resolve())
+    both = {"vq": {"checkpoint": str(ckpt), "recipe": "recipes/digits/tokenizer_vq.yaml"}}
+    with pytest.raises(ValueError, match="tokenizer 'vq' needs either `recipe:` .* not both"):
+        load_suite(str(write_suite(tmp_path, tokenizers=both)))
+    with pytest.raises(FileNotFoundError, match="tokenizer 'vq': checkpoint .*nope.ckpt' does not exist"):
+        load_suite(str(write_suite(tmp_path, tokenizers={"vq": {"checkpoint": str(tmp_path / "nope.ckpt")}})))

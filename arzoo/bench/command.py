@@ -123,6 +123,11 @@ def run_suite(suite_name: str, out: str | None = None, force: bool = False, devi
             if run.model_of is not None:  # evaluates another entry's model: nothing to train
                 train_stats[run.name] = train_stats[run.model_of]
                 continue
+            if run.checkpoint is not None:  # a tokenizer given as a trained checkpoint
+                progress.console.print(f"use tokenizer {run.name} from {run.checkpoint}")
+                folder.mkdir(parents=True, exist_ok=True)
+                train_stats[run.name] = {}
+                continue
             if is_trained(folder) and not force:
                 train_stats[run.name] = json.loads((folder / "train_stats.json").read_text())
                 progress.console.print(f"reuse trained {run.kind} {run.name} ({folder.name})")
@@ -158,7 +163,7 @@ def run_suite(suite_name: str, out: str | None = None, force: bool = False, devi
             else:
                 task = progress.add_task(f"evaluate tokenizer {tok_name} (reconstruction, random tokens)", total=None)
                 rows = evaluate_tokenizer(
-                    folder / "last.ckpt", real_images, train_images, metrics, device,
+                    out_dir / run.trained_checkpoint, real_images, train_images, metrics, device,
                     int(settings0["seed"]), int(settings0["batch_size"]),
                 )
                 cached.write_text(json.dumps(rows, indent=1))

@@ -66,10 +66,11 @@ class EvaluationSpec:
 
 @dataclass
 class TokenizerSpec:
-    """One entry of `tokenizers:`."""
+    """One entry of `tokenizers:`: a recipe to train, or an existing checkpoint (`checkpoint:`)."""
 
-    recipe: str = MISSING
+    recipe: Optional[str] = None
     overrides: Dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None  # a trained tokenizer checkpoint: used as is, never retrained
 
 
 @dataclass
@@ -175,6 +176,7 @@ class Run:
     tokenizer: str | None = None
     init_from: str | None = None  # the entry whose checkpoint this one starts from (a later training stage)
     model_of: str | None = None  # the entry whose trained model this one evaluates (it trains nothing itself)
+    checkpoint: str | None = None  # a tokenizer given as a trained checkpoint (nothing to train)
     evaluate: bool = True
     evaluation: dict[str, Any] = field(default_factory=dict)
     evaluation_overrides: dict[str, Any] = field(default_factory=dict)
@@ -184,6 +186,13 @@ class Run:
     def config_hash(self) -> str:
         """Hash of the resolved config: the key under which a finished run is reused."""
         return config_hash(self.config)
+
+    @property
+    def trained_checkpoint(self) -> str:
+        """Where the run's checkpoint is, relative to the suite's output folder (or absolute)."""
+        if self.checkpoint:
+            return self.checkpoint
+        return f"{'tokenizers' if self.kind == 'tokenizer' else 'entries'}/{self.folder_name}/last.ckpt"
 
     @property
     def folder_name(self) -> str:
@@ -272,6 +281,19 @@ def load_suite(suite: str) -> Suite:
     tokenizers: dict[str, Run] = {}
     for tok_name, tok_raw in (raw.get("tokenizers") or {}).items():
         spec = _validated(TokenizerSpec, tok_raw, f"{where}: tokenizer {tok_name!r}")
+        if (spec["recipe"] is None) == (spec["checkpoint"] is None):
+            raise ValueError(
+                f"{where}: tokenizer {tok_name!r} needs either `recipe:` (train it) or `checkpoint:` (use a "
+                f"trained one), not {'both' if spec['recipe'] else 'neither'}"
+            )
+        if spec["checkpoint"] is not None:
+            ckpt = Path(spec["checkpoint"]).expanduser().resolve()
+            if not ckpt.is_file():
+                raise FileNotFoundError(f"{where}: tokenizer {tok_name!r}: checkpoint {str(ckpt)!r} does not exist")
+            stat = ckpt.stat()  # a changed file is a new run (its reference rows are recomputed)
+            config = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            tokenizers[tok_name] = Run(tok_name, "tokenizer", "–", config, checkpoint=str(ckpt))
+            continue
         config = load_recipe(spec["recipe"], spec["overrides"])
         _strip_run_location(config)
         tokenizer_budget.apply(config)
@@ -303,7 +325,8 @@ def load_suite(suite: str) -> Suite:
                 )
             config["model"].setdefault("init_args", {})["init_from"] = f"entries/{earlier[init_from].folder_name}/last.ckpt"
         if tok is not None:  # the tokenizer run's checkpoint is decided by its hash, so this stays stable
-            config["model"].setdefault("init_args", {})["tokenizer_path"] = f"tokenizers/{tokenizers[tok].folder_name}/last.ckpt"
+            trained = tokenizers[tok].checkpoint or f"tokenizers/{tokenizers[tok].folder_name}/last.ckpt"
+            config["model"].setdefault("init_args", {})["tokenizer_path"] = trained
         model_of = spec["model_of"]
         if model_of is not None:
             earlier = {r.name: r for r in entries}
