@@ -1,26 +1,10 @@
-"""Next-neighbour autoregressive generation (NAR, class-conditional).
+"""Next-neighbour autoregressive generation (NAR, class-conditional): the paradigm.
 
-NAR ("Neighboring Autoregressive Modeling for Efficient Visual Generation", ThisisBillhe/NAR,
-`NAR-images/`) is a fork of LlamaGen that decodes a g x g token grid near-to-far: step t produces
-every cell of the anti-diagonal r + c = t at once, so an image takes 2g - 1 forward passes
-instead of g * g. Facts: docs/parity/nar.md (on top of llamagen.md).
-
-What is LlamaGen's is reused from `raster.py` (embeddings, blocks, 2-D RoPE, KV cache, label
-dropout, sampling filters). What NAR adds, and this module supplies:
-
-* the **schedule**: the anti-diagonals, each in increasing-row order (`neighbor_plan`);
-* the **mask**: a token sees every token on its own and on nearer diagonals (`r'+c' <= r+c`);
-* the **heads**: one trunk of `n_layer + extra_layers` blocks; the "right" head (`norm`, `output`)
-  reads the state after block `n_layer - 1` and predicts the right neighbour (r, c+1), the "below"
-  head (`medusa_norm`, `medusa_output`) reads the last block and predicts (r+1, c). A cell's logits
-  are the mean of the right-head logits of its left neighbour and the below-head logits of its
-  upper neighbour (one of them on the first row / column; cell (0, 0) averages both heads at the
-  class token).
-
-Everything per grid size (the diagonals, the slots fed at each step, the masks, which head output
-feeds which cell) is computed once in `neighbor_plan` and cached; the network keeps one device copy
-of the per-step tensors (slots, RoPE rows, mask rows, head weights), so a decoding step only runs
-the blocks. The KV cache is written once per diagonal, at the diagonal's raster slots.
+NAR decodes a g x g token grid near-to-far, one anti-diagonal r + c = t per step (2g - 1 forward
+passes). The network, its two heads and the per-grid plan are in `arzoo/networks/nar.py` (its
+docstring describes them); this module supplies the schedule (the plan's diagonals), the mask (a
+token sees its own and nearer diagonals), NAR's `cfg_interval` and its RNG order of draws.
+Facts: docs/parity/nar.md (on top of llamagen.md).
 """
 
 from __future__ import annotations
