@@ -163,6 +163,8 @@ def test_leaderboard_ranks_by_fid_and_keeps_reported_rows_apart(tmp_path: Path) 
     ranked_names = re.findall(r"^\| (\d) \| (\w) \|", text, flags=re.M)
     assert ranked_names == [("1", "a"), ("2", "b"), ("3", "c")]
     assert "model.init_args.depth=2" in text
+    by_step = markdown(_board([_row("a", 3.0, val_loss_q1=3.0, val_loss_q2=2.5, val_context_gain=0.25)]))
+    assert "| 3.00 → 2.50 | 0.250 |" in by_step and "Context gain: how many nats" in by_step
     measured, reported = text.split("## Reported by the papers")
     assert "VAR-d16" in reported and "VAR-d16" not in measured
 
@@ -236,6 +238,8 @@ def test_a_tiny_suite_end_to_end_and_resumed(tmp_path: Path, monkeypatch: pytest
     assert row["fid"] >= 0 and 0 <= row["precision"] <= 1 and 0 <= row["class_accuracy"] <= 1
     assert row["sampling_images_per_s"] > 0 and row["params"] > 0 and row["val_unigram_loss"] > 0
     assert row["evaluation_overrides"] == {"temperature": 0.9}
+    assert isinstance(row["val_context_gain"], float) and all(row[f"val_loss_q{q}"] > 0 for q in (1, 2, 3, 4))
+    assert "context gain" in (out / "leaderboard.md").read_text()
     kinds = {(r["tokenizer"], r["kind"]) for r in board["reference_rows"]}
     assert {("vq", "reconstruction"), ("vq", "random tokens")} <= kinds and len(kinds) == 3  # + real images
     assert (out / "leaderboard.md").is_file() and (out / "leaderboard.html").is_file()

@@ -222,6 +222,7 @@ def test_digits_recipes_fit_both_stages_and_sample(tmp_path, monkeypatch, capsys
         assert (run_dir / "last.ckpt").is_file() and (run_dir / "version_0/samples.png").is_file()
         metrics = (run_dir / "version_0/metrics.csv").read_text()
         assert "val/loss" in metrics and "val/unigram_loss" in metrics and ("val/mean_ce" in metrics) == (stage == 1)
+        assert "val/context_gain" in metrics and "val/loss_q4" in metrics
     stage1, stage2 = (_net_weights(tmp_path / f"runs/digits/masked_hierarchical_stage{s}/last.ckpt") for s in (1, 2))
     for key, value in stage1.items():
         if not key.startswith(MASK_BRANCH):

@@ -201,6 +201,7 @@ def test_digits_recipe_fit_and_sample_command(tmp_path, monkeypatch, capsys, _pl
     assert ckpt.is_file() and (tmp_path / "runs/digits/raster/version_0/samples.png").is_file()
     metrics = (tmp_path / "runs/digits/raster/version_0/metrics.csv").read_text()
     assert "val/loss" in metrics and "val/unigram_loss" in metrics
+    assert all(f"val/{k}" in metrics for k in ("context_gain", "loss_q1", "loss_q4"))  # the context diagnostic
 
     arzoo_run(["sample", "--ckpt_path", str(ckpt), "--num", "20", "--cfg", "2.0", "--top_k", "10", "--top_p", "0.9",
           "--seed", "0", "--out", "grid.png"])

@@ -38,6 +38,8 @@ MEASURED_COLUMNS: list[Column] = [
     ("recall ↑", "recall", _num(".3f")),
     ("class acc ↑", "class_accuracy", _num(".3f")),
     ("val loss (unigram)", "val_loss_text", str),
+    ("val loss by step", "val_loss_steps_text", str),
+    ("context gain ↑", "val_context_gain", _num(".3f")),
     ("forward passes / image", "forward_passes", _num(".0f")),
     ("sampling img/s", "sampling_images_per_s", _num(".1f")),
     ("latency (batch)", "latency_text", str),
@@ -49,6 +51,12 @@ MEASURED_COLUMNS: list[Column] = [
     ("GFLOPs / image", "flops_per_image", _flops),
     ("overrides", "overrides_text", str),
 ]
+CONTEXT_NOTE = (
+    "Val loss by step: the held-out loss of the first to the last quarter of the generation steps. "
+    "Context gain: how many nats per token the held-out loss rises when each image's context is another "
+    "image's (labels kept, step 0 excluded); near 0 means the model predicts from the class and the position "
+    "alone and ignores what it has generated."
+)
 REFERENCE_COLUMNS: list[Column] = [
     ("tokenizer", "tokenizer", str),
     ("row", "kind", str),
@@ -77,6 +85,8 @@ def _prepare(row: dict[str, Any]) -> dict[str, Any]:
         row["val_loss_text"] = f"{row['val_loss']:.3f}" + (f" ({unigram:.3f})" if unigram is not None else "")
     else:
         row["val_loss_text"] = "–"
+    steps = [row[f"val_loss_q{q}"] for q in range(1, 5) if row.get(f"val_loss_q{q}") is not None]
+    row["val_loss_steps_text"] = " → ".join(f"{v:.2f}" for v in steps) or "–"
     if row.get("latency_s") is not None:
         row["latency_text"] = f"{row['latency_s']:.2f} s ({row.get('latency_batch')})"
     else:
@@ -106,7 +116,7 @@ def markdown(board: dict[str, Any]) -> str:
     rows = [_prepare(r) for r in ranked(board["rows"])]
     out = [f"# arzoo leaderboard — suite `{board['suite']}`", ""]
     out += [f"Produced by `arzoo bench --suite {board['suite']}` on {board['created']} (arzoo {board['arzoo_version']}, torch {board['torch_version']}).", ""]
-    out += ["## Measured (ranked by FID)", ""] + _table(MEASURED_COLUMNS, rows, rank=True) + [""]
+    out += ["## Measured (ranked by FID)", ""] + _table(MEASURED_COLUMNS, rows, rank=True) + ["", CONTEXT_NOTE, ""]
     out += ["## Tokenizer reference rows (not ranked)", "", "Reconstruction = the ceiling a generator on that tokenizer can reach; random tokens = the floor.", ""]
     out += _table(REFERENCE_COLUMNS, board["reference_rows"], rank=False) + [""]
     out += ["## Fairness and settings", ""] + [f"- {rule}" for rule in board["fairness"]] + [""]
@@ -163,7 +173,7 @@ def html_page(board: dict[str, Any], folder: Path) -> str:
         f"<style>{style}</style></head><body>"
         f"<h1>arzoo leaderboard — suite <code>{html.escape(board['suite'])}</code></h1>"
         f"<p>{html.escape(board['created'])} · arzoo {html.escape(board['arzoo_version'])} · torch {html.escape(board['torch_version'])}</p>"
-        f"<h2>Measured (ranked by FID)</h2>{_html_table(MEASURED_COLUMNS, rows, rank=True)}"
+        f"<h2>Measured (ranked by FID)</h2>{_html_table(MEASURED_COLUMNS, rows, rank=True)}<p>{html.escape(CONTEXT_NOTE)}</p>"
         f"<h2>Tokenizer reference rows</h2>{_html_table(REFERENCE_COLUMNS, board['reference_rows'], rank=False)}"
         f"<h2>Plots</h2><div class='plots'>{speed}{steps}</div>"
         f"<h2>Samples (8 per class, one row per class)</h2>{''.join(grids)}"

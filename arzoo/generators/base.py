@@ -316,6 +316,42 @@ class BaseGenerator(L.LightningModule, metaclass=ABCMeta):
         logits = self.teacher_forcing(tokens_BN, labels_B)
         return self.token_loss(logits, tokens_BN[:, self.prediction_order.to(tokens_BN.device)])
 
+    def position_losses(
+        self,
+        tokens_BN: torch.Tensor,
+        labels_B: torch.Tensor,
+        context_BN: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy (B, N) float32 of every slot in prediction order, the network reading the tokens
+        of `context_BN` (default: the image's own) and predicting those of `tokens_BN`. NaN marks a
+        slot a paradigm does not score; `generator` drives any draw (an order, a mask)."""
+        seen_BN = tokens_BN if context_BN is None else context_BN
+        logits_BNV = self.teacher_forcing(seen_BN, labels_B)
+        targets_BN = tokens_BN[:, self.prediction_order.to(tokens_BN.device)]
+        return F.cross_entropy(logits_BNV.float().transpose(1, 2), targets_BN, reduction="none")
+
+    @torch.no_grad()
+    def context_diagnostic(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Does the model use its context? The held-out loss by step (`loss_q1`..: the steps cut in
+        up to four equal parts; a part without a scored slot is left out) and `context_gain`: how much the loss of the slots after step 0 rises
+        when each image's context is another image's (the batch rolled by one row, labels kept).
+        A gain near 0 nats means the network predicts from the class and the position alone."""
+        own_BN = self.position_losses(tokens_BN, labels_B, generator=torch.Generator().manual_seed(0))
+        other_BN = self.position_losses(
+            tokens_BN, labels_B, tokens_BN.roll(1, dims=0), generator=torch.Generator().manual_seed(0)
+        )
+        steps_N = self.step_of_slot().to(own_BN.device)
+        parts = min(4, self.num_steps)
+        bounds = [round(p * self.num_steps / parts) for p in range(parts + 1)]
+        out = {}
+        for p in range(parts):
+            part_BN = own_BN[:, (steps_N >= bounds[p]) & (steps_N < bounds[p + 1])]
+            if not part_BN.isnan().all():  # a part no slot of which is scored has no loss
+                out[f"loss_q{p + 1}"] = part_BN.nanmean()
+        out["context_gain"] = (other_BN - own_BN)[:, steps_N > 0].nanmean()
+        return out
+
     def token_loss(self, logits_BNV: torch.Tensor, targets_BN: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over all predicted positions."""
         return F.cross_entropy(logits_BNV.reshape(-1, logits_BNV.shape[-1]).float(), targets_BN.reshape(-1))
@@ -348,8 +384,12 @@ class BaseGenerator(L.LightningModule, metaclass=ABCMeta):
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(labels), sync_dist=sync)
         if split == "train":
             self._count_tokens(tokens)
-        elif self.train_token_counts.numel():
-            self.log(f"{split}/unigram_loss", self._unigram_loss(tokens), batch_size=len(labels), sync_dist=sync)
+        else:
+            if self.train_token_counts.numel():
+                self.log(f"{split}/unigram_loss", self._unigram_loss(tokens), batch_size=len(labels), sync_dist=sync)
+            if len(labels) > 1:  # another image's context needs a second image
+                for name, value in self.context_diagnostic(tokens, self.check_labels(labels)).items():
+                    self.log(f"{split}/{name}", value, batch_size=len(labels), sync_dist=sync)
         return loss
 
     def _count_tokens(self, tokens_BN: torch.Tensor) -> None:

@@ -35,6 +35,7 @@ from torch import nn
 
 from arzoo.checkpoint_io import extract_state_dict, read_checkpoint
 from arzoo.generators.next_scale import PATCH_NUMS_256, NextScaleGenerator
+from arzoo.generators.hmar_schedules import default_mask_schedule, lognorm_loss_weights
 from arzoo.generators.registry import register_sizes
 from arzoo.generators.state import SamplingState
 from arzoo.networks.hmar import (
@@ -55,30 +56,6 @@ __all__ = [
     "stage1_key_to_inference",
     "stage2_key_to_inference",
 ]
-
-
-# ---- official schedules and loss weights ----
-
-
-def default_mask_schedule(patch_nums: Sequence[int]) -> list[list[int]]:
-    """Upstream's default schedule where it applies (`utils/sampling_arg_util.py`): the 2x2 scale in
-    1 + 1 sub-steps ([1, 3]), the 3x3 one in 1 + 3 ([1, 1, 2, 5]), every other scale in one step."""
-    official = {2: [1, 3], 3: [1, 1, 2, 5]}
-    return [list(official.get(int(pn), [int(pn) ** 2])) for pn in patch_nums]
-
-
-def lognorm_loss_weights(patch_nums: Sequence[int]) -> torch.Tensor:
-    """(L,) stage-1 loss weight per position (upstream's `reweight_loss` with `lognorm`): scale i gets
-    a total weight proportional to the standard normal density at (pn_{S-1-i} / pn_{S-1} - mu) / sigma
-    (mu, sigma: mean and sample std of pn_k / pn_{S-1}; note the reversed scale list), normalised to
-    sum to 1 and shared equally by the scale's tokens."""
-    pns = torch.tensor([float(pn) for pn in patch_nums], dtype=torch.float64)
-    ratios = pns / pns[-1]
-    z = (ratios.flip(0) - ratios.mean()) / ratios.std(unbiased=True)
-    per_scale = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
-    per_scale = per_scale / per_scale.sum()
-    return torch.cat([per_scale[i].expand(int(pn) ** 2) / int(pn) ** 2 for i, pn in enumerate(patch_nums)]).float()
-
 
 
 # ---- generator ----
@@ -244,15 +221,15 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
         with torch.autocast(device_type=tokens_BN.device.type, enabled=False):
             return torch.cat([self.own_scale_input(si, maps[si]) for si in range(1, len(maps))], dim=1)
 
-    def draw_training_mask(self, device: torch.device | str) -> torch.Tensor:
+    def draw_training_mask(self, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N - first_l,) bool: ceil(p * pn^2) random positions of every scale but the first, with one
         p ~ U[0, 1) per call in training (0.5 otherwise), the same for the whole batch."""
-        p = float(torch.rand(())) if self.training else 0.5
+        p = float(torch.rand((), generator=generator)) if self.training else 0.5
         parts = []
         for pn in self.patch_nums[1:]:
             n = max(1, math.ceil(p * pn * pn))  # at least one, so the loss is never over nothing
             keep = torch.zeros(pn * pn, dtype=torch.bool)
-            keep[torch.randperm(pn * pn)[:n]] = True
+            keep[torch.randperm(pn * pn, generator=generator)[:n]] = True
             parts.append(keep)
         return torch.cat(parts).to(device)
 
@@ -282,6 +259,15 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
         masked = self.draw_training_mask(tokens_BN.device)
         logits = self.teacher_forcing(tokens_BN, labels_B, masked)
         return self.token_loss(logits, tokens_BN, loss_mask=F.pad(masked, (self.first_l, 0)))
+
+    def position_losses(self, tokens_BN, labels_B, context_BN=None, generator=None) -> torch.Tensor:
+        """Stage 1: every position; stage 2: the positions of one drawn mask (NaN elsewhere)."""
+        if self.stage == 1:
+            return super().position_losses(tokens_BN, labels_B, context_BN, generator)
+        masked = F.pad(self.draw_training_mask(tokens_BN.device, generator), (self.first_l, 0))
+        logits = self.teacher_forcing(tokens_BN if context_BN is None else context_BN, labels_B, masked[self.first_l :])
+        ce_BN = F.cross_entropy(logits.float().transpose(1, 2), tokens_BN, reduction="none")
+        return ce_BN.masked_fill(~masked, float("nan"))
 
     def token_loss(
         self, logits_BNV: torch.Tensor, targets_BN: torch.Tensor, loss_mask: torch.Tensor | None = None

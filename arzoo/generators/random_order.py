@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from arzoo.generators.raster import RasterGenerator
@@ -80,6 +81,12 @@ class RandomOrderGenerator(RasterGenerator):
     def sequence_loss(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
         ordered, order = self.teacher_inputs(tokens_BN)
         return self.token_loss(self((ordered, order), labels_B), ordered)
+
+    def position_losses(self, tokens_BN, labels_B, context_BN=None, generator=None) -> torch.Tensor:
+        order = self.sample_order(len(tokens_BN), generator)  # one order for the context and the targets
+        seen_BN = tokens_BN if context_BN is None else context_BN
+        logits = self((seen_BN.gather(1, order), order), labels_B)
+        return F.cross_entropy(logits.float().transpose(1, 2), tokens_BN.gather(1, order), reduction="none")
 
     def start_sampling(self, state: SamplingState) -> SamplingState:
         state = super().start_sampling(state)  # the KV cache
