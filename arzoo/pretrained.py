@@ -185,6 +185,7 @@ def from_pretrained(folder: str | Path, map_location: str | torch.device = "cpu"
     cls = resolve_class(config["class_path"], what="generator class", source=source, base=BaseGenerator)
     check_class_paths(config["init_args"], source=source)
     weights = read_pretrained_weights(folder, config, str(map_location))
-    model = cls(**config["init_args"])
+    cls, init_args = cls.migrate_arguments(config["init_args"])
+    model = cls(**init_args)
     load_state_dict_checked(model, weights, f"{str(folder)!r}")
     return model.to(map_location).eval()

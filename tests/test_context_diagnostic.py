@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from arzoo.generators import (
+    MambaScaleGenerator,
     MaskedHierarchicalGenerator,
     NextNeighborGenerator,
     NextScaleGenerator,
@@ -37,8 +37,7 @@ def _build(name: str, msvq_path: str) -> torch.nn.Module:
     if name == "next-scale":
         return NextScaleGenerator(tokenizer_path=msvq_path, **SCALES)
     if name == "m-var":
-        return NextScaleGenerator(tokenizer_path=msvq_path, inter_scale="mamba", mamba_d_state=16, mamba_headdim=16,
-                                  **SCALES)  # fmt: skip
+        return MambaScaleGenerator(tokenizer_path=msvq_path, mamba_d_state=16, mamba_headdim=16, **SCALES)
     stage = int(name[-1])
     return MaskedHierarchicalGenerator(tokenizer_path=msvq_path, stage=stage, n_layers_train=1, **SCALES)
 

@@ -188,8 +188,6 @@ def test_errors(msvq_path):
         _model(msvq_path, stage=3)
     with pytest.raises(ValueError, match="n_layers_train must be an int in"):
         _model(msvq_path, n_layers_train=3)
-    with pytest.raises(ValueError, match="does not support inter_scale"):
-        _model(msvq_path, inter_scale="mamba")
     with pytest.raises(ValueError, match="does not support more_smooth"):
         _model(msvq_path, more_smooth=True)
     with pytest.raises(ValueError, match="loss_weighting"):

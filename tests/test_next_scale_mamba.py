@@ -1,4 +1,4 @@
-"""NextScaleGenerator(inter_scale="mamba") (M-VAR): sizes, the intra-scale mask, sampling with carried
+"""MambaScaleGenerator (M-VAR): sizes, the intra-scale mask, sampling with carried
 Mamba states, training on the digits, checkpoints, errors, and the recipes (parsed and built only)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import yaml
 import arzoo
 from arzoo.cli import run as arzoo_run
 from arzoo.data import ImageDataModule
-from arzoo.generators import NextScaleGenerator, generator_config
-from arzoo.generators.next_scale import MVARTransformer
+from arzoo.generators import MambaScaleGenerator, NextScaleGenerator, generator_config
+from arzoo.networks.mvar import MVARTransformer
 from arzoo.nn.mvar import MVARBlock
 from conftest import save_tiny_msvq
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 # one block of width 32; a small Mamba2 (2 x 32 / 16 = 4 SSM heads of width 16, 16 states)
-TINY_NET = dict(depth=1, embed_dim=32, num_heads=2, warmup_steps=0, inter_scale="mamba", mamba_d_state=16,
+TINY_NET = dict(depth=1, embed_dim=32, num_heads=2, warmup_steps=0, mamba_d_state=16,
                 mamba_headdim=16)  # fmt: skip
 OFFICIAL_PARAMS = {"d16": 464_157_184, "d20": 900_528_736, "d24": 1_550_067_136, "d30": 3_017_065_756}
 VAR_VQVAE_SIZES = dict(vocab_size=4096, codebook_dim=32, patch_nums=[1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
@@ -53,7 +53,7 @@ def test_official_sizes_on_the_meta_device():
         for size, count in OFFICIAL_PARAMS.items():
             model = arzoo.create_generator(f"mvar-{size}")
             assert model.num_params() == count, size
-            assert isinstance(model.net, MVARTransformer) and model.inter_scale == "mamba"
+            assert isinstance(model.net, MVARTransformer) and type(model) is MambaScaleGenerator
             assert model.num_steps == 10 and model.num_tokens == 680 and model.paradigm == "next-scale"
             depth = model.net.depth
             assert model.net.C == 64 * depth and model.net.num_heads == depth
@@ -66,7 +66,7 @@ def test_official_sizes_on_the_meta_device():
 
 
 def test_official_key_layout():
-    model = NextScaleGenerator(vocab_size=16, codebook_dim=4, patch_nums=[1, 2, 3], **TINY_NET)
+    model = MambaScaleGenerator(vocab_size=16, codebook_dim=4, patch_nums=[1, 2, 3], **TINY_NET)
     keys = list(model.net.state_dict())
     outside = [k for k in keys if not k.startswith("blocks.")]
     assert outside == ["pos_start", "pos_1LC", "lvl_1L", "attn_bias_for_masking", "word_embed.weight",
@@ -82,7 +82,7 @@ def test_official_key_layout():
 
 
 def test_intra_scale_mask_and_information_flow():
-    model = _perturbed(NextScaleGenerator(vocab_size=16, codebook_dim=4, patch_nums=[1, 2, 3], **TINY_NET)).eval()
+    model = _perturbed(MambaScaleGenerator(vocab_size=16, codebook_dim=4, patch_nums=[1, 2, 3], **TINY_NET)).eval()
     scale = torch.tensor([0] + [1] * 4 + [2] * 9)
     assert torch.equal(model.mask, scale[:, None] == scale[None, :])  # attention stays inside a scale
     assert torch.equal(model.net.attn_bias_for_masking[0, 0] == 0, model.mask)
@@ -106,7 +106,7 @@ def test_cached_sampling_steps_equal_teacher_forcing(msvq_path, cfg, monkeypatch
     of the sampled tokens (what upstream gets by re-running Mamba over the prefix), CFG rows included;
     each scale feeds Mamba its own tokens only."""
     torch.manual_seed(0)
-    model = _perturbed(NextScaleGenerator(tokenizer_path=str(msvq_path), **TINY_NET)).eval()
+    model = _perturbed(MambaScaleGenerator(tokenizer_path=str(msvq_path), **TINY_NET)).eval()
     lengths: list[int] = []
     mamba = model.net.blocks[0].mamba
     original_mamba = mamba.forward
@@ -128,7 +128,7 @@ def test_cached_sampling_steps_equal_teacher_forcing(msvq_path, cfg, monkeypatch
 
 
 def test_forward_scale_order_is_checked():
-    model = NextScaleGenerator(vocab_size=16, codebook_dim=4, patch_nums=[1, 2], **TINY_NET).eval()
+    model = MambaScaleGenerator(vocab_size=16, codebook_dim=4, patch_nums=[1, 2], **TINY_NET).eval()
     labels = torch.tensor([1])
     assert model.net.forward_scale(labels, 0).shape == (1, 1, 16)  # scale 0 alone: no state needed
     with pytest.raises(RuntimeError, match="carried Mamba states"):
@@ -145,7 +145,7 @@ def test_init_follows_upstream():
     """VAR's init on the 9-chunk AdaLN: gammas 1-2 scaled by init_adaln_gamma, gamma 3 (FFN) and the
     rest by init_adaln; Mamba's conv1d trunc-normal(0.02) with zero bias, its A_log / dt_bias / D kept."""
     torch.manual_seed(0)
-    model = NextScaleGenerator(vocab_size=16, codebook_dim=4, patch_nums=[1, 2], init_adaln_gamma=1e-5,
+    model = MambaScaleGenerator(vocab_size=16, codebook_dim=4, patch_nums=[1, 2], init_adaln_gamma=1e-5,
                                **{**TINY_NET, "embed_dim": 64, "depth": 2})  # fmt: skip
     C = 64
     for block in model.net.blocks:
@@ -162,7 +162,7 @@ def test_init_follows_upstream():
 
 def test_trains_samples_and_reloads(msvq_path, tmp_path):
     torch.manual_seed(0)
-    model = NextScaleGenerator(tokenizer_path=str(msvq_path), lr=3e-3, ema_decay=0.5, init_adaln_gamma=1e-3,
+    model = MambaScaleGenerator(tokenizer_path=str(msvq_path), lr=3e-3, ema_decay=0.5, init_adaln_gamma=1e-3,
                                **TINY_NET)  # fmt: skip
     assert (model.vocab_size, model.patch_nums, model.codebook_dim) == (32, (1, 2, 4), 8)
     images = torch.rand(8, 3, 16, 16) * 2 - 1
@@ -192,7 +192,7 @@ def test_trains_samples_and_reloads(msvq_path, tmp_path):
     path = tmp_path / "mvar.ckpt"
     trainer.save_checkpoint(path)
     loaded = arzoo.Generator.load_from_checkpoint(path)
-    assert type(loaded) is NextScaleGenerator and loaded.inter_scale == "mamba"
+    assert type(loaded) is MambaScaleGenerator
     assert isinstance(loaded.net, MVARTransformer) and loaded.net.blocks[0].mamba.d_state == 16
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
@@ -202,14 +202,11 @@ def test_trains_samples_and_reloads(msvq_path, tmp_path):
 def test_errors_a_user_can_cause():
     sizes = dict(vocab_size=16, codebook_dim=4, patch_nums=[1, 2])
     with pytest.raises(ValueError, match="does not support shared_aln=True"):
-        NextScaleGenerator(**sizes, **TINY_NET, shared_aln=True)
-    with pytest.raises(ValueError, match="inter_scale must be one of"):
-        NextScaleGenerator(**sizes, **{**TINY_NET, "inter_scale": "ssm"})
-    plain = {k: v for k, v in TINY_NET.items() if not k.startswith("mamba_") and k != "inter_scale"}
-    with pytest.raises(ValueError, match="only apply to inter_scale='mamba'"):
-        NextScaleGenerator(**sizes, **plain, mamba_d_state=16)
+        MambaScaleGenerator(**sizes, **TINY_NET, shared_aln=True)
+    with pytest.raises(TypeError, match="mamba_d_state"):  # VAR has no Mamba to size
+        NextScaleGenerator(**sizes, depth=1, embed_dim=32, num_heads=2, mamba_d_state=16)
     with pytest.raises(ValueError, match="not divisible by mamba_headdim 48"):
-        NextScaleGenerator(**sizes, **{**TINY_NET, "mamba_headdim": 48})
+        MambaScaleGenerator(**sizes, **{**TINY_NET, "mamba_headdim": 48})
 
 
 # ---- recipes: parsed and built (nothing trains) ------------------------------------------------------
@@ -231,9 +228,9 @@ def test_digits_recipe_parses_and_builds(tmp_path, monkeypatch, capsys, _plain_a
     monkeypatch.chdir(tmp_path)
     config = _print_config(ROOT / "recipes/digits/next_scale_mamba.yaml", capsys)
     model, trainer = config["model"], config["trainer"]
-    assert model["class_path"] == "arzoo.generators.NextScaleGenerator"
+    assert model["class_path"] == "arzoo.generators.MambaScaleGenerator"
     args = model["init_args"]
-    assert args["inter_scale"] == "mamba" and args["tokenizer_path"] == "runs/digits/tokenizer_msvq/last.ckpt"
+    assert args["mamba_d_state"] == 64 and args["tokenizer_path"] == "runs/digits/tokenizer_msvq/last.ckpt"
     callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in trainer["callbacks"]}
     assert callbacks["ModelCheckpoint"]["dirpath"] == "runs/digits/next_scale_mamba"
     assert trainer["logger"]["init_args"]["name"] == "next_scale_mamba"
@@ -242,7 +239,7 @@ def test_digits_recipe_parses_and_builds(tmp_path, monkeypatch, capsys, _plain_a
     tok = tok["tokenizer"]["init_args"]
     digits = dict(vocab_size=tok["vocab_size"], codebook_dim=tok["z_channels"], patch_nums=tok["patch_nums"])
     with torch.device("meta"):
-        built = NextScaleGenerator(**dict(args, tokenizer_path=None, **digits))
+        built = MambaScaleGenerator(**dict(args, tokenizer_path=None, **digits))
         tiny = arzoo.create_generator("mvar-tiny", **digits)
     assert isinstance(built.net, MVARTransformer) and built.num_params() == tiny.num_params()
     assert built.net.config == tiny.net.config
@@ -254,11 +251,11 @@ def test_imagenet_recipe_parses_and_builds_the_official_size(size, tmp_path, mon
     config = _print_config(ROOT / f"recipes/imagenet256/mvar_{size}.yaml", capsys)
     var = yaml.safe_load((ROOT / f"recipes/imagenet256/var_{size}.yaml").read_text())
     model, trainer = config["model"], config["trainer"]
-    assert model["class_path"] == "arzoo.generators.NextScaleGenerator"
+    assert model["class_path"] == "arzoo.generators.MambaScaleGenerator"
     args = model["init_args"]
     assert args["vocab_size"] is None and args["patch_nums"] is None and args["codebook_dim"] is None
     registered = generator_config(f"mvar-{size}")[1]
-    for key in ("depth", "embed_dim", "num_heads", "drop_path_rate", "attn_l2_norm", "shared_aln", "inter_scale"):
+    for key in ("depth", "embed_dim", "num_heads", "drop_path_rate", "attn_l2_norm", "shared_aln"):
         assert args[key] == registered[key], key
     # "The hyperparameters of training are same as that in VAR" (M-VAR's README)
     same = ("lr", "betas", "weight_decay", "warmup_steps", "min_lr_ratio", "init_adaln", "init_adaln_gamma",
@@ -273,5 +270,26 @@ def test_imagenet_recipe_parses_and_builds_the_official_size(size, tmp_path, mon
     assert callbacks["ModelCheckpoint"]["dirpath"] == f"runs/imagenet256/mvar_{size}"
     assert trainer["logger"]["init_args"]["name"] == f"mvar_{size}"
     with torch.device("meta"):
-        built = NextScaleGenerator(**dict(args, tokenizer_path=None, **VAR_VQVAE_SIZES))
+        built = MambaScaleGenerator(**dict(args, tokenizer_path=None, **VAR_VQVAE_SIZES))
     assert built.num_params() == OFFICIAL_PARAMS[size] and isinstance(built.net, MVARTransformer)
+
+
+def test_a_checkpoint_from_before_m_var_had_its_own_class_loads(tmp_path):
+    """Older checkpoints name NextScaleGenerator with `inter_scale` (and VAR ones carry the Mamba defaults)."""
+    from arzoo.checkpoint_io import atomic_torch_save
+
+    sizes = dict(vocab_size=16, codebook_dim=4, patch_nums=[1, 2])
+    mvar, var = MambaScaleGenerator(**sizes, **TINY_NET), NextScaleGenerator(**sizes, depth=1, embed_dim=32, num_heads=2)
+    for model, old_args, expected in (
+        (mvar, dict(inter_scale="mamba"), MambaScaleGenerator),
+        (var, dict(inter_scale="attention", mamba_d_state=64, mamba_d_conv=4, mamba_expand=2, mamba_headdim=64),
+         NextScaleGenerator),
+    ):  # fmt: skip
+        hparams = {**dict(model.hparams), **old_args}
+        path = tmp_path / f"{expected.__name__}.ckpt"
+        atomic_torch_save({"hyper_parameters": hparams, "state_dict": model.state_dict(),
+                                "arzoo_generator_class": "arzoo.generators.NextScaleGenerator"}, path)  # fmt: skip
+        loaded = arzoo.Generator.load_from_checkpoint(path)
+        assert type(loaded) is expected and "inter_scale" not in loaded.hparams
+        for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(a, b), name

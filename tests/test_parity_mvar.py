@@ -1,7 +1,7 @@
-"""M-VAR parity through the generic `NextScaleGenerator(inter_scale="mamba")` (not a hand-written replay).
+"""M-VAR parity through `MambaScaleGenerator`, VAR's paradigm on M-VAR's network (not a hand-written replay).
 
 `load_mvar_generator` puts the fixture's official weights (OliverRensu/MVAR, mvar.pt) into a
-`NextScaleGenerator`; its teacher-forced path must reproduce upstream's train-mode `MVAR.forward`
+`MambaScaleGenerator`; its teacher-forced path must reproduce upstream's train-mode `MVAR.forward`
 and uniform-weight loss, and `generate()` (BaseGenerator's loop, VAR's guidance and filters, each
 block's Mamba2 state carried from scale to scale) upstream's `autoregressive_infer_cfg`, which
 re-runs Mamba over the whole prefix at every scale.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from arzoo.generators.next_scale import MVARTransformer, NextScaleGenerator
+from arzoo.generators.next_scale_mamba import MambaScaleGenerator, MVARTransformer
 from arzoo.generators.state import SamplingState
 from arzoo.interop.mvar import load_mvar_generator, mamba_kwargs_from_state_dict, mvar_config_from_state_dict
 from arzoo.interop.var import load_var_generator
@@ -50,14 +50,14 @@ def tokenizer(fixture: dict) -> MultiScaleVQTokenizer:
 
 
 @pytest.fixture()
-def gen(fixture: dict, tokenizer) -> NextScaleGenerator:
+def gen(fixture: dict, tokenizer) -> MambaScaleGenerator:
     """A fresh generator per test (tests switch train mode on it)."""
     return load_mvar_generator(fixture["state_dict"], config=_official_config(fixture), tokenizer=tokenizer)
 
 
-def test_architecture_and_buffers_from_official_weights(fixture: dict, gen: NextScaleGenerator) -> None:
+def test_architecture_and_buffers_from_official_weights(fixture: dict, gen: MambaScaleGenerator) -> None:
     cfg = fixture["config"]
-    assert isinstance(gen.net, MVARTransformer) and gen.inter_scale == "mamba" and not gen.training
+    assert isinstance(gen.net, MVARTransformer) and type(gen) is MambaScaleGenerator and not gen.training
     assert gen.patch_nums == tuple(cfg["patch_nums"]) and gen.num_tokens == cfg["L"]
     assert gen.vocab_size == cfg["vocab_size"] and gen.codebook_dim == cfg["Cvae"]
     state = gen.net.state_dict()
@@ -96,7 +96,7 @@ def test_architecture_read_from_the_state_dict(fixture: dict, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_teacher_forced_logits_and_loss(fixture: dict, gen: NextScaleGenerator, mode: str) -> None:
+def test_teacher_forced_logits_and_loss(fixture: dict, gen: MambaScaleGenerator, mode: str) -> None:
     """Upstream's train-mode graph (intra-scale attention, full-sequence Mamba). The fixture ran with
     drop path, dropout and label dropout 0, so arzoo's train and eval modes give the same logits."""
     train = fixture["train"]
@@ -117,7 +117,7 @@ def test_teacher_forced_logits_and_loss(fixture: dict, gen: NextScaleGenerator, 
                                    atol=LOGITS_ATOL, rtol=LOGITS_RTOL)  # fmt: skip
 
 
-def _recorded_generate(gen: NextScaleGenerator, monkeypatch, **kwargs) -> tuple[list, list, SamplingState]:
+def _recorded_generate(gen: MambaScaleGenerator, monkeypatch, **kwargs) -> tuple[list, list, SamplingState]:
     recorded: list[torch.Tensor] = []
     drawn: list[torch.Tensor] = []
     original = gen.logits_to_tokens
@@ -133,7 +133,7 @@ def _recorded_generate(gen: NextScaleGenerator, monkeypatch, **kwargs) -> tuple[
 
 
 @pytest.mark.parametrize("how", ["greedy", "top_k=1 draw"])
-def test_greedy_sampling_matches_official(fixture: dict, gen: NextScaleGenerator, how: str, monkeypatch) -> None:
+def test_greedy_sampling_matches_official(fixture: dict, gen: MambaScaleGenerator, how: str, monkeypatch) -> None:
     """Upstream's `autoregressive_infer_cfg(top_k=1, top_p=0)`: ids exact, CFG-combined logits and
     f_hat to 1e-5. Upstream's top_k=1 still draws a multinomial; arzoo's greedy=True takes the argmax."""
     official = fixture["greedy"]
@@ -151,7 +151,7 @@ def test_greedy_sampling_matches_official(fixture: dict, gen: NextScaleGenerator
     torch.testing.assert_close(state.carry["f_hat"], official["f_hat"], atol=1e-5, rtol=0)
 
 
-def test_seeded_sampling_matches_official(fixture: dict, gen: NextScaleGenerator) -> None:
+def test_seeded_sampling_matches_official(fixture: dict, gen: MambaScaleGenerator) -> None:
     """Soft fixture: top-k/top-p draws with upstream's generator (one multinomial per scale)."""
     official = fixture["sampled_seeded"]
     tokens = gen.generate(
@@ -161,7 +161,7 @@ def test_seeded_sampling_matches_official(fixture: dict, gen: NextScaleGenerator
     assert torch.equal(tokens, torch.cat(official["tokens"], dim=1))
 
 
-def test_sampling_carries_mamba_state_not_the_prefix(fixture: dict, gen: NextScaleGenerator, monkeypatch) -> None:
+def test_sampling_carries_mamba_state_not_the_prefix(fixture: dict, gen: MambaScaleGenerator, monkeypatch) -> None:
     """While sampling, every block's Mamba sees only the tokens of the current scale (its state carries
     the prefix), and the logits equal the teacher-forced ones of the drawn tokens."""
     lengths: list[int] = []

@@ -5,7 +5,8 @@ from arzoo.generators.callbacks import SampleGrid
 from arzoo.generators.masked_hierarchical import HMARTransformer, MaskedHierarchicalGenerator
 from arzoo.generators.next_frequency import NextFrequencyGenerator
 from arzoo.generators.next_neighbor import NeighborTransformer, NextNeighborGenerator
-from arzoo.generators.next_scale import MVARTransformer, NextScaleGenerator, NextScaleTransformer
+from arzoo.generators.next_scale import NextScaleGenerator, NextScaleTransformer
+from arzoo.generators.next_scale_mamba import MambaScaleGenerator, MVARTransformer
 from arzoo.generators.random_order import RandomOrderGenerator, RandomOrderTransformer
 from arzoo.generators.raster import RasterGenerator, RasterTransformer
 from arzoo.generators.registry import create_generator, generator_config, list_generators, register_sizes
@@ -16,6 +17,7 @@ __all__ = [
     "BaseGenerator",
     "HMARTransformer",
     "MVARTransformer",
+    "MambaScaleGenerator",
     "MaskedHierarchicalGenerator",
     "NeighborTransformer",
     "NextFrequencyGenerator",

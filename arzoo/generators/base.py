@@ -606,6 +606,11 @@ class BaseGenerator(L.LightningModule, metaclass=ABCMeta):
         return model
 
     @classmethod
+    def migrate_arguments(cls, init_args: dict[str, Any]) -> tuple[type["BaseGenerator"], dict[str, Any]]:
+        """(class, constructor arguments) for arguments saved by an older arzoo; default unchanged."""
+        return cls, init_args
+
+    @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any) -> "BaseGenerator":
         """Load any generator checkpoint; on the base class this returns the concrete subclass.
 
@@ -631,6 +636,7 @@ class BaseGenerator(L.LightningModule, metaclass=ABCMeta):
             raise TypeError(f"{source!r} holds a {target.__name__}, not a {cls.__name__}")
         init_args = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
         check_class_paths(init_args, source=source)
+        target, init_args = target.migrate_arguments(init_args)
         init_args.update(kwargs)
         state = ckpt.get("state_dict")
         if not isinstance(state, Mapping):

@@ -84,7 +84,7 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
     sub-step. `trace=True` records every step in the final state's `carry["trace"]`
     (`run_sampling(..., trace=True)`).
 
-    Other arguments are `NextScaleGenerator`'s (no `inter_scale`, `shared_aln` or `more_smooth`),
+    Other arguments are `NextScaleGenerator`'s (no `shared_aln` or `more_smooth`),
     with `init_adaln_gamma` 1e-3 by default (HMAR's). `attn_backend` picks the block-diagonal
     attention of teacher forcing: "auto" (FlexAttention on CUDA, SDPA elsewhere), "sdpa" or "flex".
     """
@@ -108,8 +108,8 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
             raise ValueError(f"stage must be 1 (next-scale branch) or 2 (mask branch), got {stage!r}")
         if loss_weighting not in ("lognorm", "uniform"):
             raise ValueError(f"loss_weighting must be 'lognorm' or 'uniform', got {loss_weighting!r}")
-        for name in ("inter_scale", "more_smooth", "shared_aln"):
-            if kwargs.get(name) not in (None, False, "attention"):
+        for name in ("more_smooth", "shared_aln"):
+            if kwargs.get(name) not in (None, False):
                 raise ValueError(f"HMAR does not support {name}={kwargs[name]!r}")
         super().__init__(init_adaln_gamma=init_adaln_gamma, **kwargs)  # builds the network (build_network)
         self.stage = stage
@@ -122,7 +122,7 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
         self._initialised = False
         self.set_trainable()
 
-    def build_network(self, extra: Mapping[str, Any], **net_kwargs: Any) -> nn.Module:
+    def build_network(self, **net_kwargs: Any) -> nn.Module:
         """`HMARTransformer` (the official inference layout) with VAR's network arguments and HMAR's
         own (`n_layers_train`, `attn_backend`, from the saved constructor arguments)."""
         return HMARTransformer(n_layers_train=self.hparams.n_layers_train, attn_backend=self.hparams.attn_backend,

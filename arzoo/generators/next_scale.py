@@ -8,11 +8,8 @@ parallel, each position seeing the positions of its own and all coarser scales (
 input of scale k is the tokenizer's running reconstruction f_hat after scales < k, area-resized to
 scale k's grid. Facts: docs/parity/var.md sections 3-8.
 
-`inter_scale="mamba"` swaps the blocks for M-VAR's (OliverRensu/MVAR; `MVARTransformer`, official
-M-VAR keys, `arzoo.interop.mvar.load_mvar_generator`): attention only within each scale, a causal
-Mamba2 scan over the whole sequence carrying the coarser scales. Sampling then carries each block's
-Mamba2 state from scale to scale (no KV cache, no re-run over the prefix). Facts:
-docs/parity/mvar.md.
+M-VAR (Mamba across scales) is `MambaScaleGenerator` in `next_scale_mamba.py`, a subclass that
+only changes the network and how scales mix.
 
 Shape letters: B batch, L = sum of pn_k^2 token positions, l one scale's positions, C width,
 Cv codebook width (`codebook_dim`), V vocabulary, H heads, hd head width.
@@ -30,18 +27,12 @@ from arzoo.generators.base import BaseGenerator
 from arzoo.generators.registry import register_sizes
 from arzoo.generators.sampling import SamplingConfig, filter_logits_var
 from arzoo.generators.state import SamplingState
-from arzoo.networks.mvar import MVARTransformer
 from arzoo.networks.var import NextScaleTransformer
 from arzoo.tokenizers.base import Tokenizer
 from arzoo.tokenizers.multiscale_vq import MultiScaleVQTokenizer
 
 # ---- generator: one step per scale, coarse to fine ----
 
-
-# How positions of different scales mix: VAR's block-causal attention, or M-VAR's intra-scale
-# attention plus a Mamba2 scan over the sequence. Mamba2 defaults: M-VAR's (mamba-ssm 2.2's).
-INTER_SCALE = ("attention", "mamba")
-_MAMBA_DEFAULTS = dict(mamba_d_state=64, mamba_d_conv=4, mamba_expand=2, mamba_headdim=64)
 
 # Official VAR optimizer: no weight decay on 1-D parameters, biases and these names (train.py's nowd_keys).
 _NO_WEIGHT_DECAY_KEYS = (
@@ -66,14 +57,6 @@ class NextScaleGenerator(BaseGenerator):
     one `torch.multinomial` over all (B*l, V) rows per scale with the given generator. With
     `more_smooth` (upstream's Gumbel-softmax visualisation mode) the ids are still drawn, but each
     scale adds the Gumbel-softmax-weighted mix of codebook vectors to f_hat instead.
-
-    `inter_scale` picks how positions of different scales mix: "attention" (VAR: block-causal
-    attention, `NextScaleTransformer`) or "mamba" (M-VAR: attention inside each scale plus a Mamba2
-    scan across scales, `MVARTransformer`; `mamba_d_state`, `mamba_d_conv`, `mamba_expand`,
-    `mamba_headdim` size its Mamba2, M-VAR's values by default; `shared_aln` is refused). With
-    "mamba" the teacher-forcing `mask` is block-diagonal and `generate()` carries every block's
-    Mamba2 state (for the CFG-doubled rows) from one scale to the next, so each scale runs Mamba
-    over its own positions only; the logits equal the teacher-forced ones up to float rounding.
 
     Network arguments are those of `NextScaleTransformer`; `vocab_size`, `patch_nums` and
     `codebook_dim` default to the tokenizer's (given all three, no tokenizer is needed: e.g. to
@@ -106,27 +89,8 @@ class NextScaleGenerator(BaseGenerator):
         codebook_dim: int | None = None,
         label_smoothing: float = 0.0,
         more_smooth: bool = False,
-        inter_scale: str = "attention",
-        mamba_d_state: int = 64,
-        mamba_d_conv: int = 4,
-        mamba_expand: int = 2,
-        mamba_headdim: int = 64,
         **kwargs: Any,
     ) -> None:
-        if inter_scale not in INTER_SCALE:
-            raise ValueError(f"inter_scale must be one of {list(INTER_SCALE)}, got {inter_scale!r}")
-        mamba = dict(mamba_d_state=mamba_d_state, mamba_d_conv=mamba_d_conv, mamba_expand=mamba_expand,
-                     mamba_headdim=mamba_headdim)  # fmt: skip
-        if inter_scale == "attention" and mamba != _MAMBA_DEFAULTS:
-            changed = {k: v for k, v in mamba.items() if v != _MAMBA_DEFAULTS[k]}
-            raise ValueError(
-                f"{changed} only apply to inter_scale='mamba' (this generator has inter_scale='attention')"
-            )
-        if inter_scale == "mamba" and shared_aln:
-            raise ValueError(
-                "inter_scale='mamba' (M-VAR) does not support shared_aln=True: each M-VAR block needs 9 AdaLN "
-                "vectors and upstream's shared AdaLN (6 vectors) is broken; use shared_aln=False"
-            )
         super().__init__(**kwargs)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -164,9 +128,7 @@ class NextScaleGenerator(BaseGenerator):
         self.codebook_dim = int(codebook_dim)
         self.label_smoothing = label_smoothing
         self.more_smooth = more_smooth
-        self.inter_scale = inter_scale
         self.net = self.build_network(
-            mamba if inter_scale == "mamba" else {},
             depth=depth,
             embed_dim=embed_dim,
             num_heads=num_heads,
@@ -188,12 +150,24 @@ class NextScaleGenerator(BaseGenerator):
         )
         self.configure_ema()
 
-    def build_network(self, extra: Mapping[str, Any], **net_kwargs: Any) -> nn.Module:
-        """`self.net`: `NextScaleTransformer(**net_kwargs)`, or with `inter_scale='mamba'` an
-        `MVARTransformer` (`extra` holds its Mamba2 sizes). Subclasses may build another network."""
-        if self.inter_scale == "mamba":
-            return MVARTransformer(**extra, **net_kwargs)
+    def build_network(self, **net_kwargs: Any) -> nn.Module:
+        """`self.net`: `NextScaleTransformer(**net_kwargs)`; a subclass may build another network."""
         return NextScaleTransformer(**net_kwargs)
+
+    @classmethod
+    def migrate_arguments(cls, init_args: dict[str, Any]) -> tuple[type[BaseGenerator], dict[str, Any]]:
+        """Checkpoints saved before M-VAR had its own class carry `inter_scale`: "mamba" loads as
+        `MambaScaleGenerator`, "attention" as this class."""
+        if "inter_scale" not in init_args:
+            return cls, init_args
+        init_args = dict(init_args)
+        if init_args.pop("inter_scale") == "mamba":
+            from arzoo.generators.next_scale_mamba import MambaScaleGenerator
+
+            return MambaScaleGenerator, init_args
+        for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_headdim"):
+            init_args.pop(name, None)
+        return cls, init_args
 
     def _load_tokenizer(self, path: str | None, spec: Mapping | None) -> Tokenizer | None:
         try:
@@ -232,27 +206,9 @@ class NextScaleGenerator(BaseGenerator):
             raise RuntimeError(f"step {state.step} has no input yet: the tokens of step {state.step - 1} were not drawn")
         return state.carry["next_input"]
 
-    def visibility_mask(self) -> torch.Tensor:
-        """(N, N) bool, True = may attend. VAR: block-causal (own and coarser scales). M-VAR
-        (`inter_scale='mamba'`): block-diagonal, attention stays inside each scale (coarser scales
-        reach a position through the causal Mamba scan, which no mask describes)."""
-        if self.inter_scale == "mamba":
-            with torch.device("cpu"):
-                steps = self.step_of_slot()
-                return steps[:, None] == steps[None, :]
-        return super().visibility_mask()
-
-    def teacher_forcing(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-        """Logits (B, N, V). With `inter_scale='mamba'` the network's own one-segment-per-scale
-        attention is used (flash-attn varlen / FlexAttention on CUDA) rather than the dense `mask`."""
-        if self.inter_scale == "mamba":
-            return self(self.teacher_inputs(tokens_BN), labels_B, None)
-        return super().teacher_forcing(tokens_BN, labels_B)
-
     def forward(self, inputs: torch.Tensor, labels_B: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: next-scale inputs (B, N - first_l, Cv) -> logits (B, N, V); `mask` (N, N)
-        bool (True = may attend) becomes an additive mask (default: the network's own, block-causal
-        for VAR, one attention segment per scale for M-VAR)."""
+        bool (True = may attend) becomes an additive mask (default: the network's own, block-causal)."""
         bias = None
         if mask is not None:
             zeros = torch.zeros(mask.shape, device=mask.device)
@@ -371,7 +327,8 @@ class NextScaleGenerator(BaseGenerator):
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
-def _official(depth: int) -> dict[str, Any]:
+def official_sizes(depth: int) -> dict[str, Any]:
+    """VAR's released ImageNet-256 configuration of depth `depth` (also M-VAR's, which adds Mamba)."""
     return dict(
         depth=depth,
         embed_dim=64 * depth,
@@ -386,24 +343,13 @@ def _official(depth: int) -> dict[str, Any]:
     )
 
 
-def _official_mvar(depth: int) -> dict[str, Any]:
-    """M-VAR's released sizes (SPEC 7): VAR's with Mamba across scales; the d16 / d20 checkpoints
-    use attn_l2_norm=False (M-VAR's README), d24 / d30 True."""
-    return dict(_official(depth), inter_scale="mamba", attn_l2_norm=depth >= 24)
-
-
 register_sizes(
     NextScaleGenerator,
     {
-        "var-d16": _official(16),
-        "var-d20": _official(20),
-        "var-d24": _official(24),
-        "var-d30": _official(30),
+        "var-d16": official_sizes(16),
+        "var-d20": official_sizes(20),
+        "var-d24": official_sizes(24),
+        "var-d30": official_sizes(30),
         "var-tiny": dict(depth=4, embed_dim=128, num_heads=4),
-        "mvar-d16": _official_mvar(16),
-        "mvar-d20": _official_mvar(20),
-        "mvar-d24": _official_mvar(24),
-        "mvar-d30": _official_mvar(30),
-        "mvar-tiny": dict(depth=4, embed_dim=128, num_heads=4, inter_scale="mamba"),
     },
 )

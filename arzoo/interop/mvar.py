@@ -3,14 +3,14 @@
 M-VAR is VAR with a Mamba2 mixer across scales (docs/parity/mvar.md): its constructor
 takes exactly VAR's arguments (`MVAR(vae_local, num_classes, depth, ...)`), its tokenizer is VAR's
 released VQVAE (`arzoo.interop.var.load_vqvae`), and its state dict is VAR's outside the blocks. In
-arzoo it is a `NextScaleGenerator` with `inter_scale="mamba"` (network `MVARTransformer`).
+arzoo it is a `MambaScaleGenerator` (network `MVARTransformer`).
 
-* `mvar_kwargs_from_official`: official `MVAR(**config)` kwargs -> `NextScaleGenerator` kwargs.
+* `mvar_kwargs_from_official`: official `MVAR(**config)` kwargs -> `MambaScaleGenerator` kwargs.
 * `mvar_config_from_state_dict`: the official constructor kwargs of an official state dict (as
   `build_vae_mvar` made them; `num_heads = depth` when the attention has no `scale_mul_1H11`).
 * `mamba_kwargs_from_state_dict`: the Mamba2 sizes (`mamba_d_state`, `mamba_d_conv`,
   `mamba_expand`, `mamba_headdim`) read from the `blocks.0.mamba.*` shapes.
-* `load_mvar_generator`: a released `dXX.pth` (or a state dict) -> `NextScaleGenerator`.
+* `load_mvar_generator`: a released `dXX.pth` (or a state dict) -> `MambaScaleGenerator`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from arzoo.generators.next_scale import NextScaleGenerator
+from arzoo.generators.next_scale_mamba import MambaScaleGenerator
 from arzoo.interop.var import (
     build_next_scale_generator,
     check_tokenizer_args,
@@ -42,18 +42,17 @@ _MAMBA = "blocks.0.mamba."
 
 
 def mvar_kwargs_from_official(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Official `MVAR(**config)` kwargs (without `vae_local`) -> `NextScaleGenerator` kwargs.
+    """Official `MVAR(**config)` kwargs (without `vae_local`) -> `MambaScaleGenerator` kwargs.
 
     The constructor is VAR's (`var_kwargs_from_official`: keys left out take the official defaults,
-    e.g. `attn_l2_norm=False`, `cond_drop_rate` becomes `class_dropout_prob`), plus
-    `inter_scale="mamba"`. The Mamba2 sizes are hard-coded upstream (d_state 64, d_conv 4, expand 2,
-    headdim 64), which are `NextScaleGenerator`'s defaults. `shared_aln=True` is rejected (upstream's
+    e.g. `attn_l2_norm=False`, `cond_drop_rate` becomes `class_dropout_prob`). The Mamba2 sizes are
+    hard-coded upstream (d_state 64, d_conv 4, expand 2, headdim 64), which are
+    `MambaScaleGenerator`'s defaults. `shared_aln=True` is rejected (upstream's
     is broken, SPEC 5).
     """
     kwargs = var_kwargs_from_official(config)
     if kwargs["shared_aln"]:
         raise ValueError("M-VAR's shared_aln=True is broken upstream (6 shared AdaLN vectors, 9 used): not supported")
-    kwargs["inter_scale"] = "mamba"
     return kwargs
 
 
@@ -98,16 +97,16 @@ def load_mvar_generator(
     tokenizer: MultiScaleVQTokenizer | None = None,
     tokenizer_path: str | None = None,
     **overrides: Any,
-) -> NextScaleGenerator:
+) -> MambaScaleGenerator:
     """An official M-VAR checkpoint (path, checkpoint dict or state dict, e.g. the released `d16.pth`)
-    -> `NextScaleGenerator(inter_scale="mamba")` (eval mode) that samples as upstream's
+    -> `MambaScaleGenerator` (eval mode) that samples as upstream's
     `autoregressive_infer_cfg`, carrying each block's Mamba2 state from scale to scale instead of
     re-running Mamba over the prefix.
 
     The architecture comes from the official constructor kwargs in `config`
     (`mvar_kwargs_from_official`), else from the state dict (`mvar_config_from_state_dict`; note that
     the released d16 / d20 need `attn_l2_norm=False`, which the missing `scale_mul_1H11` keys tell);
-    the Mamba2 sizes always from the state dict; `overrides` (NextScaleGenerator / BaseGenerator
+    the Mamba2 sizes always from the state dict; `overrides` (MambaScaleGenerator / BaseGenerator
     keyword arguments) win. Tokenizer (`tokenizer_path`, a `tokenizer` object, or none) and strict
     loading as `arzoo.interop.var.load_var_generator`; M-VAR uses VAR's released VQVAE
     (`load_vqvae('vae_ch160v4096z32.pth')`). Upstream's sampling arguments map as there:
@@ -122,5 +121,5 @@ def load_mvar_generator(
     kwargs = {**mvar_kwargs_from_official(official), **mamba_kwargs_from_state_dict(state_dict)}
     return build_next_scale_generator(
         source, state_dict, kwargs, official=official,
-        tokenizer=tokenizer, tokenizer_path=tokenizer_path, overrides=overrides,
+        tokenizer=tokenizer, tokenizer_path=tokenizer_path, overrides=overrides, generator_cls=MambaScaleGenerator,
     )  # fmt: skip

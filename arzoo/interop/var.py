@@ -366,8 +366,9 @@ def build_next_scale_generator(
     tokenizer: MultiScaleVQTokenizer | None,
     tokenizer_path: str | None,
     overrides: Mapping[str, Any],
+    generator_cls: type[NextScaleGenerator] = NextScaleGenerator,
 ) -> NextScaleGenerator:
-    """A `NextScaleGenerator(**kwargs, **overrides)` (eval mode) holding the official `state_dict`
+    """A `generator_cls(**kwargs, **overrides)` (eval mode, default `NextScaleGenerator`) holding the official `state_dict`
     (loaded strictly into `generator.net`), with the tokenizer of `load_var_generator` (shared by
     the VAR and M-VAR loaders; `source` and `official` only word the errors)."""
     check_tokenizer_args(tokenizer, tokenizer_path)
@@ -380,7 +381,7 @@ def build_next_scale_generator(
     kwargs.update(overrides)
     described = f"config {dict(official)}" + (f" with overrides {dict(overrides)}" if overrides else "")
     return build_loaded_generator(
-        NextScaleGenerator, kwargs, state_dict, source=source, tokenizer=tokenizer, tokenizer_path=tokenizer_path,
+        generator_cls, kwargs, state_dict, source=source, tokenizer=tokenizer, tokenizer_path=tokenizer_path,
         described=described,
         hint="Pass the checkpoint's constructor arguments as config= (depth, embed_dim, num_heads, patch_nums, "
         "attn_l2_norm, shared_aln), and a tokenizer with its vocabulary and codebook width.",

@@ -59,7 +59,7 @@ class MVARTransformer(NextScaleTransformer):
     ) -> None:
         if kwargs.get("shared_aln", False):
             raise ValueError(
-                "inter_scale='mamba' (M-VAR) does not support shared_aln=True: each M-VAR block needs 9 AdaLN "
+                "MVARTransformer (M-VAR) does not support shared_aln=True: each M-VAR block needs 9 AdaLN "
                 "vectors and upstream's shared AdaLN (6 vectors) is broken; use shared_aln=False"
             )
         for name, value in (("mamba_d_state", mamba_d_state), ("mamba_d_conv", mamba_d_conv),
