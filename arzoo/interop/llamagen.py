@@ -28,6 +28,7 @@ import torch
 from arzoo.checkpoint_io import describe_state_dict_mismatch, extract_state_dict
 from arzoo.checkpoint_io import read_checkpoint as load_checkpoint_file
 from arzoo.generators.raster import RasterGenerator, RasterTransformer
+from arzoo.networks.llamagen import LlamaGenTrunk
 from arzoo.tokenizers.vq import VQTokenizer
 
 __all__ = [
@@ -226,8 +227,8 @@ _GPT_HINT = (
     "Pick the matching preset (GPT-B/L/XL/XXL/3B) and grid_size (16 for 256 px, 24 for 384 px), "
     "or pass the checkpoint's config, e.g. **gpt_kwargs_from_official(model_args)."
 )
-# The network a loader builds (RasterTransformer or a subclass, e.g. NAR's NeighborTransformer).
-_Net = TypeVar("_Net", bound=RasterTransformer)
+# The network a loader builds (RasterTransformer, or another network on LlamaGen's trunk such as NAR's).
+_Net = TypeVar("_Net", bound=LlamaGenTrunk)
 # The generator a loader builds (RasterGenerator or a subclass, e.g. NAR's NextNeighborGenerator).
 _Gen = TypeVar("_Gen", bound=RasterGenerator)
 

@@ -33,8 +33,10 @@ def _round_up(value: int, multiple: int) -> int:
     return value if value % multiple == 0 else value + multiple - value % multiple
 
 
-class RasterTransformer(nn.Module):
-    """LlamaGen's class-conditional GPT: [class token] + image tokens -> next-token logits.
+class LlamaGenTrunk(nn.Module):
+    """LlamaGen's class-conditional GPT without a decoding scheme: embeddings, RoPE rows, blocks
+    with KV caches, head. `RasterTransformer` decodes it one token per step; NAR's network decodes a
+    diagonal per step on the same trunk.
 
     State-dict keys are the official ones: `cls_embedding.embedding_table.weight`,
     `tok_embeddings.weight`, `layers.{i}.{attention.wqkv, attention.wo, feed_forward.w1/w3/w2,
@@ -248,45 +250,6 @@ class RasterTransformer(nn.Module):
         causal = self._require_cache(x_BLD.shape[0])
         return self.head(self.run_blocks(x_BLD, freqs, causal[slots][None, None], slots))
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        labels: torch.Tensor,
-        cell_positions: torch.Tensor | None = None,
-        input_pos: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """tokens (B, T) int64 with T <= g*g, labels (B,) -> logits (B, 1 + T, V) float32.
-
-        Logits at slot s predict the token after slot s: slot 0 (class) predicts token 0, slot s
-        predicts token s. Teacher forcing as upstream's training call (`idx = z[:, :-1]`) is
-        `forward(z[:, :-1], labels)` -> (B, N, V), position i predicting z[:, i]; upstream's eval
-        call with full-length idx is `forward(z, labels)` -> (B, N + 1, V). No slicing happens here.
-
-        * `cell_positions` (T,): the raster cell (r*g + c) of each token (default: raster order).
-        * `mask`: optional boolean attention mask (B or 1, H or 1, 1+T, 1+T), replacing causality.
-        * `input_pos` (1+T,): write k/v into the KV cache at these slots (after `setup_cache`) and
-          attend over the cache; `mask` then defaults to the causal-mask rows at `input_pos`.
-        """
-        if tokens.dim() != 2 or labels.shape != (tokens.shape[0],):
-            raise ValueError(
-                f"expected tokens (B, T) and labels (B,), got {tuple(tokens.shape)} and {tuple(labels.shape)}"
-            )
-        num_tokens = tokens.shape[1]
-        x = torch.cat([self.embed_class(labels), self.tok_embeddings(tokens)], dim=1)
-        x = self.tok_dropout(x)
-        freqs = self.rope_rows(num_tokens, cell_positions, device=x.device)
-        if input_pos is not None:
-            if input_pos.shape != (1 + num_tokens,):
-                raise ValueError(
-                    f"input_pos must have shape ({1 + num_tokens},) (class slot + tokens), got "
-                    f"{tuple(input_pos.shape)}"
-                )
-            causal = self._require_cache(tokens.shape[0])
-            if mask is None:
-                mask = causal[input_pos][None, None]
-        return self.head(self.run_blocks(x, freqs, mask, input_pos))
-
     # -- KV-cached decoding ------------------------------------------------------------------------
 
     def setup_cache(
@@ -330,6 +293,50 @@ class RasterTransformer(nn.Module):
         if batch_size > self.max_batch_size:
             raise ValueError(f"batch of {batch_size} exceeds the KV cache's {self.max_batch_size} rows")
         return self.causal_mask
+
+
+class RasterTransformer(LlamaGenTrunk):
+    """LlamaGen's GPT as LlamaGen uses it: teacher forcing over [class] + tokens, and one token per
+    cached decoding step (`prefill`, then `decode_step`)."""
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        cell_positions: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, T) int64 with T <= g*g, labels (B,) -> logits (B, 1 + T, V) float32.
+
+        Logits at slot s predict the token after slot s: slot 0 (class) predicts token 0, slot s
+        predicts token s. Teacher forcing as upstream's training call (`idx = z[:, :-1]`) is
+        `forward(z[:, :-1], labels)` -> (B, N, V), position i predicting z[:, i]; upstream's eval
+        call with full-length idx is `forward(z, labels)` -> (B, N + 1, V). No slicing happens here.
+
+        * `cell_positions` (T,): the raster cell (r*g + c) of each token (default: raster order).
+        * `mask`: optional boolean attention mask (B or 1, H or 1, 1+T, 1+T), replacing causality.
+        * `input_pos` (1+T,): write k/v into the KV cache at these slots (after `setup_cache`) and
+          attend over the cache; `mask` then defaults to the causal-mask rows at `input_pos`.
+        """
+        if tokens.dim() != 2 or labels.shape != (tokens.shape[0],):
+            raise ValueError(
+                f"expected tokens (B, T) and labels (B,), got {tuple(tokens.shape)} and {tuple(labels.shape)}"
+            )
+        num_tokens = tokens.shape[1]
+        x = torch.cat([self.embed_class(labels), self.tok_embeddings(tokens)], dim=1)
+        x = self.tok_dropout(x)
+        freqs = self.rope_rows(num_tokens, cell_positions, device=x.device)
+        if input_pos is not None:
+            if input_pos.shape != (1 + num_tokens,):
+                raise ValueError(
+                    f"input_pos must have shape ({1 + num_tokens},) (class slot + tokens), got "
+                    f"{tuple(input_pos.shape)}"
+                )
+            causal = self._require_cache(tokens.shape[0])
+            if mask is None:
+                mask = causal[input_pos][None, None]
+        return self.head(self.run_blocks(x, freqs, mask, input_pos))
 
     def prefill(self, labels: torch.Tensor) -> torch.Tensor:
         """Write the class tokens of `labels` (B,) at slot 0 of the cache -> logits (B, V) float32

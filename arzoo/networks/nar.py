@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from arzoo.networks.llamagen import RasterTransformer
+from arzoo.networks.llamagen import LlamaGenTrunk
 from arzoo.nn.llama import RMSNorm
 
 __all__ = ["NeighborPlan", "NeighborStep", "NeighborTransformer", "combine_heads", "neighbor_plan"]
@@ -159,7 +159,7 @@ def _combine(right_BSV: torch.Tensor, below_BSV: torch.Tensor, routing: dict[str
 # ---- network: LlamaGen's GPT with NAR's second head ----------------------------------------------
 
 
-class NeighborTransformer(RasterTransformer):
+class NeighborTransformer(LlamaGenTrunk):
     """NAR's class-conditional GPT: LlamaGen's trunk of `n_layer + extra_layers` blocks, two heads.
 
     State-dict keys are the official ones: LlamaGen's (`layers.{i}` for i < n_layer + extra_layers,
@@ -206,7 +206,7 @@ class NeighborTransformer(RasterTransformer):
         below = self.medusa_output(self.medusa_norm(x)).float()
         return right, below
 
-    def forward(  # type: ignore[override]  # NAR returns both heads
+    def forward(  # NAR returns both heads
         self, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Full grid `tokens` (B, N) in raster order, `labels` (B,) -> raw (right, below) logits, each
@@ -295,6 +295,3 @@ class NeighborTransformer(RasterTransformer):
             x = self.tok_embeddings(tokens)
         right, below = self.heads(self.tok_dropout(x), plan["freqs"], plan["mask"], plan["fed_slots"])
         return _combine(right, below, plan["routing"])
-
-    def decode_step(self, tokens: torch.Tensor, slot_pos: int, cell: int) -> torch.Tensor:
-        raise NotImplementedError("NAR decodes a diagonal per step: use decode_diagonal(tokens, step)")

@@ -31,7 +31,6 @@ and FlexAttention are imported lazily on the first CUDA call, never at arzoo imp
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +39,7 @@ from torch import nn
 
 from arzoo.nn.llama import DropPath
 from arzoo.nn.mamba import Mamba2, Mamba2State
+from arzoo.nn.var import FFN, VARAttentionWeights
 
 __all__ = [
     "MVARBlock",
@@ -49,8 +49,6 @@ __all__ = [
     "scale_lengths",
     "segment_attention",
 ]
-
-_MAX_SCALE_MUL = torch.log(torch.tensor(100.0)).item()  # ln(100) in float32, as upstream
 
 
 def scale_lengths(patch_nums: Sequence[int]) -> tuple[int, ...]:
@@ -134,11 +132,9 @@ def segment_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
-class MVARSelfAttention(nn.Module):
-    """VAR's self-attention (`mat_qkv` without bias plus `q_bias`/`zero_k_bias`/`v_bias`; with
-    `attn_l2_norm`, q and k are L2-normalised, q is multiplied by exp(min(scale_mul_1H11, ln 100))
-    and the softmax scale is 1, otherwise the scale is 0.25/sqrt(hd)), plus M-VAR's `patch_nums`
-    buffer (pn**2 per scale, int32; kept for strict loading)."""
+class MVARSelfAttention(VARAttentionWeights):
+    """M-VAR's attention: VAR's weights (`VARAttentionWeights`) with attention inside segments
+    (one per scale), plus M-VAR's `patch_nums` buffer (pn**2 per scale, int32; kept for strict loading)."""
 
     def __init__(
         self,
@@ -150,23 +146,7 @@ class MVARSelfAttention(nn.Module):
         proj_drop: float = 0.0,
         attn_backend: str = "auto",
     ) -> None:
-        super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.attn_l2_norm = attn_l2_norm
-        if attn_l2_norm:
-            self.scale = 1.0
-            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
-        else:
-            self.scale = 0.25 / math.sqrt(self.head_dim)
-        self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
-        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
-        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
-        self.proj = nn.Linear(embed_dim, embed_dim)
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
-        self.attn_drop = attn_drop
+        super().__init__(embed_dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop, attn_l2_norm=attn_l2_norm)
         self.scale_lens = scale_lengths(patch_nums)
         self.register_buffer("patch_nums", torch.tensor(self.scale_lens, dtype=torch.int32))
         self.attn_backend = attn_backend
@@ -176,14 +156,10 @@ class MVARSelfAttention(nn.Module):
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, L, C) -> q, k, v each (B, L, H, hd), q/k normalised and q scaled when l2-norm."""
-        batch, length, _ = x.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(batch, length, 3, self.num_heads, self.head_dim)
+        qkv = self.project_qkv(x)
         q, k, v = qkv.unbind(2)
         if self.attn_l2_norm:
-            scale_mul = self.scale_mul_1H11.clamp_max(_MAX_SCALE_MUL).exp().transpose(1, 2)  # (1, 1, H, 1)
-            q = F.normalize(q, dim=-1).mul(scale_mul).to(qkv.dtype)
-            k = F.normalize(k, dim=-1).to(qkv.dtype)
+            q, k = (t.to(qkv.dtype) for t in self.normalize_qk(q, k, head_dim=2))
         return q, k, v
 
     def _pick_backend(self, x: torch.Tensor, dtype: torch.dtype, dropout_p: float) -> str:
@@ -255,18 +231,7 @@ class MVARSelfAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
-class MVARFFN(nn.Module):
-    """VAR's MLP `fc2(GELU_tanh(fc1(x)))` (keys `fc1`, `fc2`), used by VAR's and M-VAR's blocks."""
-
-    def __init__(self, embed_dim: int, hidden_dim: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, embed_dim)
-        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.act(self.fc1(x))))
+MVARFFN = FFN  # VAR's MLP, the same in M-VAR
 
 
 class MVARBlock(nn.Module):

@@ -11,27 +11,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from arzoo.nn.llama import DropPath
-from arzoo.nn.mvar import MVARFFN as FFN  # VAR's MLP, the same in M-VAR
 
-__all__ = ["AdaLNBeforeHead", "AdaLNSelfAttn", "SelfAttention", "SharedAdaLin"]
+__all__ = ["FFN", "AdaLNBeforeHead", "AdaLNSelfAttn", "SelfAttention", "SharedAdaLin", "VARAttentionWeights"]
 
-_MAX_SCALE_MUL = 4.605170249938965
+_MAX_SCALE_MUL = torch.log(torch.tensor(100.0)).item()  # ln(100) in float32, as upstream
+
+
+class FFN(nn.Module):
+    """VAR's MLP `fc2(GELU_tanh(fc1(x)))` (keys `fc1`, `fc2`), used by VAR's and M-VAR's blocks."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, embed_dim)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.act(self.fc1(x))))
 
 # ---- network: VAR's transformer ----
 
 
-class SelfAttention(nn.Module):
-    """VAR's `SelfAttention`, the block's inter-token mixer.
+class VARAttentionWeights(nn.Module):
+    """The weights VAR's attention and M-VAR's share, and their projection to q, k, v.
 
     Keys: `mat_qkv.weight` (3C, C; no bias parameter), `q_bias`, `v_bias`, the all-zero buffer
     `zero_k_bias`, `scale_mul_1H11` (only with `attn_l2_norm`), `proj.weight` / `proj.bias`.
     With `attn_l2_norm` q and k are L2-normalised, q is multiplied by `exp(min(scale_mul, ln 100))`
     and the softmax scale is 1; otherwise the softmax scale is `0.25 / sqrt(hd)` (both official).
-
-    The mixer interface a block relies on (what a replacement such as M-VAR's must offer):
-    `forward(x_BLC, attn_bias) -> (B, L, C)` with `attn_bias` an additive mask (1, 1, L, L) or None,
-    and `kv_caching(enable)`: while enabled, every call appends its keys / values to a cache and
-    attends over everything cached, unmasked (sampling one scale at a time).
     """
 
     def __init__(
@@ -43,7 +51,9 @@ class SelfAttention(nn.Module):
         attn_l2_norm: bool = True,
     ) -> None:
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.attn_l2_norm = attn_l2_norm
         if attn_l2_norm:
             self.scale = 1.0
@@ -57,6 +67,34 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
         self.attn_drop = attn_drop
+
+    def project_qkv(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        """x (B, L, C) -> qkv (B, L, 3, H, hd), with the q and v biases (k has none)."""
+        B, L, _ = x_BLC.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        return F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """With `attn_l2_norm`: q, k L2-normalised and q scaled per head (heads on axis `head_dim`)."""
+        if not self.attn_l2_norm:
+            return q, k
+        scale_mul = self.scale_mul_1H11.clamp_max(_MAX_SCALE_MUL).exp()  # (1, H, 1, 1)
+        if head_dim == 2:
+            scale_mul = scale_mul.transpose(1, 2)
+        return F.normalize(q, dim=-1).mul(scale_mul), F.normalize(k, dim=-1)
+
+
+class SelfAttention(VARAttentionWeights):
+    """VAR's `SelfAttention`, the block's inter-token mixer (weights: `VARAttentionWeights`).
+
+    The mixer interface a block relies on (what a replacement such as M-VAR's must offer):
+    `forward(x_BLC, attn_bias) -> (B, L, C)` with `attn_bias` an additive mask (1, 1, L, L) or None,
+    and `kv_caching(enable)`: while enabled, every call appends its keys / values to a cache and
+    attends over everything cached, unmasked (sampling one scale at a time).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.caching = False
         self.cached_k: torch.Tensor | None = None
         self.cached_v: torch.Tensor | None = None
@@ -67,13 +105,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         B, L, C = x_BLC.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)  # each (B, H, L, hd)
-        if self.attn_l2_norm:
-            scale_mul = self.scale_mul_1H11.clamp_max(_MAX_SCALE_MUL).exp()
-            q = F.normalize(q, dim=-1).mul(scale_mul)
-            k = F.normalize(k, dim=-1)
+        q, k, v = self.project_qkv(x_BLC).permute(2, 0, 3, 1, 4).unbind(dim=0)  # each (B, H, L, hd)
+        q, k = self.normalize_qk(q, k, head_dim=1)
         if self.caching:
             if self.cached_k is not None:
                 k = torch.cat((self.cached_k, k), dim=2)
