@@ -260,7 +260,8 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
         logits = self.teacher_forcing(tokens_BN, labels_B, masked)
         return self.token_loss(logits, tokens_BN, loss_mask=F.pad(masked, (self.first_l, 0)))
 
-    def position_losses(self, tokens_BN, labels_B, context_BN=None, generator=None) -> torch.Tensor:
+    def position_losses(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor, context_BN: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
         """Stage 1: every position; stage 2: the positions of one drawn mask (NaN elsewhere)."""
         if self.stage == 1:
             return super().position_losses(tokens_BN, labels_B, context_BN, generator)

@@ -82,8 +82,10 @@ class RandomOrderGenerator(RasterGenerator):
         ordered, order = self.teacher_inputs(tokens_BN)
         return self.token_loss(self((ordered, order), labels_B), ordered)
 
-    def position_losses(self, tokens_BN, labels_B, context_BN=None, generator=None) -> torch.Tensor:
-        order = self.sample_order(len(tokens_BN), generator)  # one order for the context and the targets
+    def position_losses(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor, context_BN: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+        """Per-slot cross-entropy (B, N) in one drawn order, shared by the context and the targets."""
+        order = self.sample_order(len(tokens_BN), generator)
         seen_BN = tokens_BN if context_BN is None else context_BN
         logits = self((seen_BN.gather(1, order), order), labels_B)
         return F.cross_entropy(logits.float().transpose(1, 2), tokens_BN.gather(1, order), reduction="none")
