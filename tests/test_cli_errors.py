@@ -221,6 +221,24 @@ def test_fit_value_mistakes_end_in_the_constructors_message(files, args, pattern
 
 
 @pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--model.init_args.depthh", "3"], r"Parser key \"model\": arzoo.generators.RasterGenerator: Option 'depthh' is "
+                                            r"not accepted$"),
+        (["--model.init_args.dim", "x"], r"arzoo.generators.RasterGenerator: Parser key \"dim\": Expected a <class 'int'>"),
+        (["--trainer.max_steps", "abc"], r"Parser key \"trainer.max_steps\": Expected a <class 'int'>. Got value: abc"),
+        (["--model.init_args.inter_scale", "mamba"], r"Option 'inter_scale' is not accepted \(M-VAR is now its own "
+                                                     r"class: class_path: arzoo.generators.MambaScaleGenerator"),
+    ],
+    ids=["unknown-key", "wrong-type", "trainer-type", "old-m-var-recipe"],
+)
+def test_fit_parse_mistakes_are_one_line_not_the_union_dump(files, args, pattern):
+    result = arzoo("fit", "--config", str(files["recipe"]), *args, "--print_config", cwd=files["root"])
+    fails(result, 2, pattern)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no usage text, no Union dump
+
+
+@pytest.mark.parametrize(
     "edit, pattern",
     [
         (lambda b: b[: len(b) // 2], r"cut.ckpt.* could not be read"),

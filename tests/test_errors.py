@@ -263,8 +263,10 @@ def test_sampling_images_without_a_tokenizer():
 
 
 def _cli_error(args: list[str], capsys) -> str:
+    from arzoo.cli import main
+
     with pytest.raises(SystemExit) as info:
-        arzoo_run(args)
+        main(args)
     assert info.value.code == 2
     return capsys.readouterr().err
 
@@ -279,7 +281,7 @@ def test_recipe_file_that_does_not_exist(capsys):
 
 def test_model_class_path_that_does_not_exist(capsys):
     err = _cli_error(["fit", "--model.class_path", "arzoo.generators.Nope"], capsys)
-    assert "Problem with given class_path 'arzoo.generators.Nope'" in err and "has no attribute 'Nope'" in err
+    assert "arzoo.generators.Nope: module 'arzoo.generators' has no attribute 'Nope'" in err
 
 
 def test_labels_that_are_not_a_list(ckpts, capsys):

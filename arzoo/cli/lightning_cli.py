@@ -15,7 +15,9 @@ generator and data module is reachable from YAML. On top of LightningCLI:
 from __future__ import annotations
 
 import json
+import re
 import sys
+from argparse import ArgumentError
 import warnings
 from pathlib import Path
 from typing import Any
@@ -93,8 +95,41 @@ def _raised_by_jsonargparse(err: BaseException) -> bool:
     return last is not None and "jsonargparse" in last.tb_frame.f_code.co_filename
 
 
+# Options earlier arzoo versions accepted, and where they went (an old recipe names them).
+_MOVED_OPTIONS = {
+    "inter_scale": "M-VAR is now its own class: class_path: arzoo.generators.MambaScaleGenerator, without inter_scale",
+}
+
+
+def _parse_error_line(message: str) -> str:
+    """jsonargparse's parse error (often a multi-line dump of every Union subtype tried) as one line:
+    the key, the class and the specific problem."""
+    raw = [line for line in message.splitlines() if line.strip()]
+    if not raw:
+        return "the command line or the config could not be parsed"
+    head = raw[0].strip().rstrip(":")
+    for i, line in enumerate(raw):
+        named = re.match(r"\s*- Problem with given class_path '([^']+)':", line)
+        if named:  # the lines indented under it are that class's own complaint
+            depth = len(line) - len(line.lstrip())
+            detail = [d.strip().rstrip(":") for d in raw[i + 1 :] if len(d) - len(d.lstrip()) > depth]
+            line = f"{head}: {named.group(1)}: " + ": ".join(detail)
+            moved = [hint for key, hint in _MOVED_OPTIONS.items() if f"Option '{key}' is not accepted" in line]
+            return line + "".join(f" ({hint})" for hint in moved)
+    if len(raw) > 1 and raw[0].rstrip().endswith(":"):
+        return f"{head}: {raw[1].strip()}"
+    return head
+
+
 class ArzooCLI(LightningCLI):
     """LightningCLI with arzoo's defaults: subclass mode, OmegaConf interpolation, overwrite-safe config saving."""
+
+    def init_parser(self, **kwargs: Any) -> Any:
+        """LightningCLI's parser, raising its errors (made one line by `run_lightning_cli`) instead of
+        printing the usage text and every Union subtype it tried."""
+        parser = super().init_parser(**kwargs)
+        parser.exit_on_error = False
+        return parser
 
     def _parse_ckpt_path(self) -> None:
         """Check `--ckpt_path` against the recipe (see the module docstring) instead of replacing the recipe."""
@@ -166,21 +201,29 @@ def run_lightning_cli(args: list[str]) -> None:
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     with warnings.catch_warnings():  # `args` is how arzoo passes its own argv on; not a mistake here
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
-        ArzooCLI(
-            L.LightningModule,
-            None,  # data is optional; subclass mode still accepts any LightningDataModule
-            trainer_class=ArzooTrainer,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            # a second run in the same folder replaces config.yaml instead of failing on it
-            save_config_kwargs={"overwrite": True},
-            # "omegaconf+" resolves ${...} interpolations after CLI overrides, so overrides propagate
-            parser_kwargs={
-                "parser_mode": "omegaconf+",
-                "prog": "arzoo",
-                "description": "arzoo: train and evaluate autoregressive image generators. "
-                "Also: `arzoo sample|tokenize|export|bench --help`; global options `--plugin MODULE`, `--debug`.",
-            },
-            auto_configure_optimizers=False,
-            args=args,
-        )
+        try:
+            _run_cli(args)
+        except ArgumentError as err:
+            raise ValueError(_parse_error_line(str(err))) from None
+
+
+def _run_cli(args: list[str]) -> None:
+    """The LightningCLI run itself (arzoo's parser settings and trainer)."""
+    ArzooCLI(
+        L.LightningModule,
+        None,  # data is optional; subclass mode still accepts any LightningDataModule
+        trainer_class=ArzooTrainer,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        # a second run in the same folder replaces config.yaml instead of failing on it
+        save_config_kwargs={"overwrite": True},
+        # "omegaconf+" resolves ${...} interpolations after CLI overrides, so overrides propagate
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "prog": "arzoo",
+            "description": "arzoo: train and evaluate autoregressive image generators. "
+            "Also: `arzoo sample|tokenize|export|bench --help`; global options `--plugin MODULE`, `--debug`.",
+        },
+        auto_configure_optimizers=False,
+        args=args,
+    )
