@@ -10,7 +10,7 @@ from arzoo.generators.next_scale_mamba import MambaScaleGenerator, MVARTransform
 from arzoo.generators.random_order import RandomOrderGenerator, RandomOrderTransformer
 from arzoo.generators.raster import RasterGenerator, RasterTransformer
 from arzoo.generators.registry import create_generator, generator_config, list_generators, register_sizes
-from arzoo.generators.sampling import SamplingConfig, filter_logits, filter_logits_var, guide, sample_tokens
+from arzoo.generators.sampling import TokenSampler, TopKTopPSampler, VARSampler, filter_logits, filter_logits_var, guide
 from arzoo.generators.state import SamplingState
 
 __all__ = [
@@ -29,8 +29,10 @@ __all__ = [
     "RasterGenerator",
     "RasterTransformer",
     "SampleGrid",
-    "SamplingConfig",
     "SamplingState",
+    "TokenSampler",
+    "TopKTopPSampler",
+    "VARSampler",
     "create_generator",
     "filter_logits",
     "filter_logits_var",
@@ -38,5 +40,4 @@ __all__ = [
     "guide",
     "list_generators",
     "register_sizes",
-    "sample_tokens",
 ]

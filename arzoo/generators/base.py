@@ -7,8 +7,8 @@ seeing only what the paradigm allows it to see.
 Token positions index the tokenizer's token maps flattened scale by scale, each map row-major
 (`N = sum(h_k * w_k)` positions). The base class owns: the frozen tokenizer (and the check that it
 fits), label dropout to the null class, classifier-free guidance as one doubled batch, the
-cross-entropy over the predicted positions, temperature / top-k / top-p sampling with an explicit
-`torch.Generator`, EMA weights (used for sampling when enabled), AdamW without weight decay on
+cross-entropy over the predicted positions, the decoding strategy (a `TokenSampler`: temperature /
+top-k / top-p by default, any other passed as `sampler=`) with an explicit `torch.Generator`, EMA weights (used for sampling when enabled), AdamW without weight decay on
 norms / biases / embeddings, warmup + cosine LR, and the generation loop.
 
 Subclassing contract. A paradigm supplies (abstract methods, so a missing one fails at construction):
@@ -23,7 +23,8 @@ Subclassing contract. A paradigm supplies (abstract methods, so a missing one fa
 
 and may override: `visibility_mask() -> BoolTensor (N, N)` over slots in prediction order (True =
 may attend; default block-causal over steps), `logits_to_tokens(logits_BlV, state)` (default:
-every position of the step drawn independently), `update_state(state, ids_Bl, logits_BlV)`
+every position of the step drawn independently by `state.sampler`), `sampler_cls` (the default
+decoding strategy), `update_state(state, ids_Bl, logits_BlV)`
 (default: write the step's tokens; VAR also adds them to its running reconstruction),
 `start_sampling(state)` / `end_sampling(state)` (caches), `cfg_scale(step, cfg)` and
 `guide_logits(cond, uncond, state)` (how the conditional and null-class logits combine; applied in
@@ -49,7 +50,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from arzoo.checkpoint_io import check_state_dict_fits, load_state_dict_checked, read_checkpoint
 from arzoo.class_paths import check_class_paths, class_path_of, resolve_class
-from arzoo.generators.sampling import SamplingConfig, guide, sample_tokens
+from arzoo.generators.sampling import TokenSampler, TopKTopPSampler, guide
 from arzoo.generators.state import SamplingState
 from arzoo.optim import check_optimizer_args, warmup_cosine_scheduler
 from arzoo.tokenizers.base import Tokenizer, build_tokenizer, resolve_tokenizer_class
@@ -65,6 +66,8 @@ class BaseGenerator(L.LightningModule, metaclass=ABCMeta):
     tokenizer_kind: ClassVar[type[Tokenizer]] = Tokenizer
     # Extra keyword arguments of `generate()` this paradigm reads from `state.options`, with defaults.
     sampling_options: ClassVar[Mapping[str, Any]] = {}
+    # The decoding strategy built from `generate(temperature=, top_k=, top_p=, greedy=)`.
+    sampler_cls: ClassVar[type[TokenSampler]] = TopKTopPSampler
     net: nn.Module  # the network (the EMA copy and the optimizer see this module only)
 
     def __init__(
@@ -252,7 +255,7 @@ class BaseGenerator(L.LightningModule, metaclass=ABCMeta):
     def logits_to_tokens(self, logits_BlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
         """One token per slot of the step (B, l); default: independent draws, row-major."""
         B, l, V = logits_BlV.shape
-        return sample_tokens(logits_BlV.reshape(B * l, V), state.sampling, state.generator).reshape(B, l)
+        return state.sampler(logits_BlV.reshape(B * l, V), state.generator).reshape(B, l)
 
     def update_state(self, state: SamplingState, ids_Bl: torch.Tensor, logits_BlV: torch.Tensor) -> SamplingState:
         """Record the step's tokens (B, l) in every row (both CFG halves); `logits_BlV` are the guided ones."""
@@ -495,24 +498,32 @@ class BaseGenerator(L.LightningModule, metaclass=ABCMeta):
         generator: torch.Generator | None = None,
         greedy: bool = False,
         use_ema: bool = True,
+        sampler: TokenSampler | None = None,
         **options: Any,
     ) -> SamplingState:
         """The generation loop, the same for every paradigm; returns the final `SamplingState`.
 
         `cfg != 1` runs one doubled batch with the null class; `options` are the paradigm's
-        `sampling_options`. Each step: inputs from the state, one network pass, guidance, the draw,
+        `sampling_options`; `sampler` replaces the default `sampler_cls(temperature, top_k, top_p, greedy)`. Each step: inputs from the state, one network pass, guidance, the draw,
         then the state records the step."""
         labels_B = self.check_labels(labels_B)
         if len(labels_B) == 0:
             raise ValueError("generate() needs at least one label")
         if cfg < 0:
             raise ValueError(f"cfg must be >= 0 (1 = no guidance), got {cfg}")
-        sampling = SamplingConfig(temperature, top_k, top_p, greedy).check(self.vocab_size)
+        if sampler is None:
+            sampler = self.sampler_cls(temperature, top_k, top_p, greedy)
+        elif (temperature, top_k, top_p, greedy) != (1.0, None, 1.0, False):
+            raise ValueError(
+                f"pass either sampler={type(sampler).__name__}(...) or temperature/top_k/top_p/greedy, not both "
+                f"(got temperature={temperature}, top_k={top_k}, top_p={top_p}, greedy={greedy})"
+            )
+        sampler = sampler.check(self.vocab_size)
         guided = cfg != 1.0
         labels_R = torch.cat([labels_B, torch.full_like(labels_B, self.num_classes)]) if guided else labels_B
         state = SamplingState(
             tokens=torch.zeros(len(labels_R), self.num_tokens, dtype=torch.long, device=self.device),
-            labels=labels_R, batch_size=len(labels_B), cfg=cfg, sampling=sampling, generator=generator,
+            labels=labels_R, batch_size=len(labels_B), cfg=cfg, sampler=sampler, generator=generator,
             options=self.check_sampling_options(options),
         )  # fmt: skip
         was_training = self.training
@@ -541,11 +552,12 @@ class BaseGenerator(L.LightningModule, metaclass=ABCMeta):
         generator: torch.Generator | None = None,
         greedy: bool = False,
         use_ema: bool = True,
+        sampler: TokenSampler | None = None,
         **options: Any,
     ) -> torch.Tensor:
         """Flat tokens (B, N) for the given class labels (`run_sampling`'s conditional rows)."""
-        return self.run_sampling(labels_B, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 generator=generator, greedy=greedy, use_ema=use_ema, **options).conditional_tokens()
+        return self.run_sampling(labels_B, cfg=cfg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                 greedy=greedy, use_ema=use_ema, sampler=sampler, **options).conditional_tokens()
 
     @torch.no_grad()
     def decode_state(self, state: SamplingState) -> torch.Tensor:

@@ -321,7 +321,7 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
 
     def logits_to_tokens(self, logits_BlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
         """VAR's draw of the scale, then the masked refinement of its schedule -> final ids (B, l)."""
-        ids_Bl, filtered = self.draw_scale(logits_BlV, state.sampling, state.generator)
+        ids_Bl, filtered = self.draw_scale(logits_BlV, state.sampler, state.generator)
         return self.refine_scale(ids_Bl, logits_BlV, filtered, state)
 
     def refine_scale(
@@ -350,7 +350,7 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
                 state.substep = j
                 logits = self.forward_step((next_input, own_BlCv, masked_Bl), state).float()
                 logits = self.apply_guidance(logits, state)
-                new_Bl, filtered = self.draw_scale(logits, state.sampling, state.generator)
+                new_Bl, filtered = self.draw_scale(logits, state.sampler, state.generator)
                 if record:
                     steps.append(dict(kind="mask", tokens_in=ids_Bl.clone(), idx_to_mask_in=masked_idx.clone(),
                                       logits_cfg=logits, sampled=new_Bl))  # fmt: skip

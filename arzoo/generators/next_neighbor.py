@@ -16,7 +16,6 @@ import torch
 
 from arzoo.generators.raster import RasterGenerator
 from arzoo.generators.registry import register_sizes
-from arzoo.generators.sampling import sample_tokens
 from arzoo.generators.state import SamplingState
 from arzoo.networks.nar import NeighborPlan, NeighborStep, NeighborTransformer, combine_heads, neighbor_plan
 
@@ -123,7 +122,7 @@ class NextNeighborGenerator(RasterGenerator):
 
     def logits_to_tokens(self, logits_BlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
         """One draw per cell of the diagonal, cell by cell (increasing row), each over the batch: NAR's RNG order."""
-        columns = [sample_tokens(logits_BlV[:, k], state.sampling, state.generator) for k in range(logits_BlV.shape[1])]
+        columns = [state.sampler(logits_BlV[:, k], state.generator) for k in range(logits_BlV.shape[1])]
         return torch.stack(columns, dim=1)
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from arzoo.generators.base import BaseGenerator
 from arzoo.generators.registry import register_sizes
-from arzoo.generators.sampling import SamplingConfig, filter_logits_var
+from arzoo.generators.sampling import TokenSampler, VARSampler
 from arzoo.generators.state import SamplingState
 from arzoo.networks.var import NextScaleTransformer
 from arzoo.tokenizers.base import Tokenizer
@@ -53,8 +53,8 @@ class NextScaleGenerator(BaseGenerator):
     Guidance is VAR's, in arzoo's convention that `cfg = 1` means none: the guidance weight grows
     linearly over the scales, `t = (cfg - 1) * k / (K - 1)`, logits `(1 + t) * cond - t * uncond`
     (the conditional logits alone at scale 0). Upstream's `cfg` argument is arzoo's `cfg - 1`.
-    Sampling filters are VAR's (`filter_logits_var`: top-k ties survive, top-p in VAR's sense), then
-    one `torch.multinomial` over all (B*l, V) rows per scale with the given generator. With
+    The default decoding strategy is `VARSampler` (VAR's filters: top-k ties survive, top-p in VAR's
+    sense, then one `torch.multinomial` over all (B*l, V) rows per scale with the given generator). With
     `more_smooth` (upstream's Gumbel-softmax visualisation mode) the ids are still drawn, but each
     scale adds the Gumbel-softmax-weighted mix of codebook vectors to f_hat instead.
 
@@ -67,6 +67,7 @@ class NextScaleGenerator(BaseGenerator):
 
     paradigm = "next-scale"
     tokenizer_kind = MultiScaleVQTokenizer
+    sampler_cls = VARSampler
 
     def __init__(
         self,
@@ -242,11 +243,10 @@ class NextScaleGenerator(BaseGenerator):
         return (1 + t) * cond_BlV - t * uncond_BlV
 
     def logits_to_tokens(self, logits_BlV: torch.Tensor, state: SamplingState) -> torch.Tensor:
-        """VAR's sampler: temperature, `filter_logits_var`, one multinomial over the (B*l, V) rows
-        (or argmax with `greedy`)."""
-        if state.sampling.greedy and self.more_smooth:
+        """One scale's ids (B, l) from `state.sampler` (VAR's by default: one multinomial over the rows)."""
+        if state.sampler.greedy and self.more_smooth:
             raise ValueError("more_smooth adds Gumbel noise to every scale: it cannot be combined with greedy=True")
-        return self.draw_scale(logits_BlV, state.sampling, state.generator)[0]
+        return self.draw_scale(logits_BlV, state.sampler, state.generator)[0]
 
     def update_state(self, state: SamplingState, ids_Bl: torch.Tensor, logits_BlV: torch.Tensor) -> SamplingState:
         """Record the scale's tokens and add its codes to the running f_hat (`state.carry`): the
@@ -260,7 +260,7 @@ class NextScaleGenerator(BaseGenerator):
             P = self.patch_nums[-1]
             state.carry["f_hat"] = torch.zeros(ids_Bl.shape[0], self.codebook_dim, P, P, device=logits_BlV.device)
         if self.more_smooth:
-            logits = self.filtered_logits(logits_BlV, state.sampling)
+            logits = state.sampler.filter(logits_BlV)
             ratio = step / (self.num_steps - 1)
             tau = max(0.27 * (1 - ratio * 0.95), 0.005)
             scaled = logits.mul(1 + ratio)
@@ -272,25 +272,12 @@ class NextScaleGenerator(BaseGenerator):
         state.carry["f_hat"], state.carry["next_input"] = tok.next_scale_input(step, state.carry["f_hat"], h_BlC)
         return state
 
-    def filtered_logits(self, logits_BlV: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-        """VAR's temperature-scaled, top-k / top-p filtered float logits of one scale."""
-        logits = logits_BlV.float()
-        if sampling.temperature != 1.0:
-            logits = logits / sampling.temperature
-        return filter_logits_var(logits, sampling.top_k, sampling.top_p)
-
     def draw_scale(
-        self, logits_BlV: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+        self, logits_BlV: torch.Tensor, sampler: TokenSampler, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """VAR's draw of one scale: (ids (B, l), the temperature-scaled and filtered float logits)."""
-        B, l, V = logits_BlV.shape
-        logits = self.filtered_logits(logits_BlV, sampling)
-        if sampling.greedy:
-            ids_Bl = logits.argmax(dim=-1)
-        else:
-            probs = logits.softmax(dim=-1).view(-1, V)
-            ids_Bl = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
-        return ids_Bl, logits
+        """One scale's draw: (ids (B, l), the sampler's temperature-scaled and filtered float logits)."""
+        filtered = sampler.filter(logits_BlV)
+        return sampler.draw(filtered, generator), filtered
 
     def sample_random_labels(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """`batch_size` class ids drawn uniformly with replacement, as upstream's sampler does for

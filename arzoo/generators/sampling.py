@@ -1,13 +1,22 @@
-"""Turning logits into tokens: temperature, top-k, top-p and seeded multinomial draws.
+"""Decoding strategies: objects that turn one step's logits into tokens, kept apart from the networks.
 
-Kept apart from the networks, as diffusers keeps schedulers apart from models. The filtering
-follows LlamaGen's `sample` exactly (ties at the top-k threshold survive; top-p keeps the first
-token that crosses `top_p`), and a draw is one `torch.multinomial(probs, 1, generator=...)` per
-row, so a seeded `torch.Generator` reproduces the official token streams.
+As diffusers keeps schedulers apart from models, the generation loop only calls a `TokenSampler`
+(`state.sampler`): `filter(logits)` gives the temperature-scaled, filtered float logits and
+`draw(filtered, generator)` the ids. Two ship, each reproducing its official code's token streams
+with a seeded `torch.Generator`:
+
+* `TopKTopPSampler` (the default): LlamaGen's `sample` (ties at the top-k threshold survive; top-p
+  keeps the first token that crosses `top_p`), one `torch.multinomial(probs, 1)` per row.
+* `VARSampler` (next-scale paradigms): VAR's `sample_with_top_k_top_p_` op order, one multinomial
+  over all (B*l, V) rows of a scale.
+
+A new strategy (speculative, collaborative, ...) subclasses `TokenSampler` and is passed as
+`generate(labels, sampler=...)`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -15,15 +24,15 @@ import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    """How one generation turns logits into tokens; `check()` validates it against a vocabulary."""
+class TokenSampler(ABC):
+    """A decoding strategy over float logits (..., V) -> ids (...); the temperature and filters it holds."""
 
     temperature: float = 1.0
     top_k: int | None = None  # None: no top-k filter
     top_p: float = 1.0  # 1.0: no nucleus filter
     greedy: bool = False  # argmax instead of a draw (consumes no randomness)
 
-    def check(self, vocab_size: int) -> "SamplingConfig":
+    def check(self, vocab_size: int) -> "TokenSampler":
         """Raise a clear error for arguments a user can get wrong."""
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
@@ -32,6 +41,50 @@ class SamplingConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         return self
+
+    @abstractmethod
+    def filter(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled, filtered float logits (..., V) (-inf where a token cannot be drawn)."""
+
+    @abstractmethod
+    def draw(self, filtered: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ids (...) from `filter`'s output (..., V)."""
+
+    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ids (...) from raw logits (..., V): `draw(filter(logits))`."""
+        return self.draw(self.filter(logits), generator)
+
+
+@dataclass(frozen=True)
+class TopKTopPSampler(TokenSampler):
+    """LlamaGen's sampler: temperature, top-k, top-p, one multinomial draw per row."""
+
+    def filter(self, logits: torch.Tensor) -> torch.Tensor:
+        return filter_logits(logits.float() / max(self.temperature, 1e-5), self.top_k, self.top_p)
+
+    def draw(self, filtered: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.greedy:
+            return filtered.argmax(dim=-1)
+        probs_NV = F.softmax(filtered.reshape(-1, filtered.shape[-1]), dim=-1)
+        return torch.multinomial(probs_NV, num_samples=1, generator=generator).reshape(filtered.shape[:-1])
+
+
+@dataclass(frozen=True)
+class VARSampler(TokenSampler):
+    """VAR's sampler: temperature (when not 1), `filter_logits_var`, one multinomial over all rows."""
+
+    def filter(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return filter_logits_var(logits, self.top_k, self.top_p)
+
+    def draw(self, filtered: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.greedy:
+            return filtered.argmax(dim=-1)
+        probs = filtered.softmax(dim=-1).view(-1, filtered.shape[-1])
+        ids = torch.multinomial(probs, num_samples=1, replacement=True, generator=generator)
+        return ids.view(filtered.shape[:-1])
 
 
 def filter_logits(logits_NV: torch.Tensor, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
@@ -50,17 +103,6 @@ def filter_logits(logits_NV: torch.Tensor, top_k: int | None = None, top_p: floa
         remove[..., 0] = False
         logits_NV[remove.scatter(-1, sorted_idx, remove)] = float("-inf")
     return logits_NV
-
-
-def sample_tokens(
-    logits_NV: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """One token per row (N,) from float logits (N, V): temperature, filters, then one multinomial draw."""
-    logits_NV = logits_NV.float() / max(config.temperature, 1e-5)
-    if config.greedy:
-        return logits_NV.argmax(dim=-1)
-    probs_NV = F.softmax(filter_logits(logits_NV, config.top_k, config.top_p), dim=-1)
-    return torch.multinomial(probs_NV, num_samples=1, generator=generator).squeeze(-1)
 
 
 def guide(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from arzoo.generators.sampling import SamplingConfig
+from arzoo.generators.sampling import TokenSampler
 
 
 @dataclass
@@ -25,7 +25,7 @@ class SamplingState:
     labels: torch.Tensor  # (R,) class ids, the null class in the second half when guided
     batch_size: int  # B
     cfg: float  # 1 = no guidance
-    sampling: SamplingConfig
+    sampler: TokenSampler  # the decoding strategy: logits -> tokens
     generator: torch.Generator | None = None
     options: dict[str, Any] = field(default_factory=dict)  # the paradigm's `sampling_options`, filled in
     carry: dict[str, Any] = field(default_factory=dict)  # the paradigm's values carried between steps
