@@ -1,12 +1,10 @@
 """Random-order generation (RandAR / RAR style), written against the public contract only.
 
-Each batch row gets its own permutation of the grid cells, drawn anew for every training batch and
-every generation. Slot s of the sequence holds the token of step s-1 with the RoPE row of its own
-cell, plus a learned embedding of the cell step s predicts (the "position instruction": without it
-the network cannot know which cell comes next and learns to ignore its context). Generation runs
-one token per step through the KV cache; the order is a sampling option (`order="random"` or
-`"raster"`), so comparing orders needs no retraining. This file is the worked example of
-`docs/new_paradigm.md`.
+Each row gets its own permutation of the cells, drawn anew per training batch and per generation.
+Slot s holds the token of step s-1 (RoPE row of its own cell) plus a learned embedding of the cell
+step s predicts: without that "position instruction" the network cannot know which cell comes next
+and learns to ignore its context. The order is a sampling option (`"random"` or `"raster"`), so
+comparing orders needs no retraining. The worked example of `docs/new_paradigm.md`.
 """
 
 from __future__ import annotations
@@ -18,11 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from arzoo.generators.raster import RasterGenerator
-from arzoo.networks.llamagen import RasterTransformer
 from arzoo.generators.state import SamplingState
-
-ORDERS = ("random", "raster")
-
+from arzoo.networks.llamagen import RasterTransformer
 
 class RandomOrderTransformer(RasterTransformer):
     """LlamaGen's transformer plus one learned embedding per target cell (`target_embeddings`)."""
@@ -33,11 +28,9 @@ class RandomOrderTransformer(RasterTransformer):
         nn.init.normal_(self.target_embeddings.weight, std=self.initializer_range)
 
     def slots(self, labels_B: torch.Tensor, prev_BT: torch.Tensor, order_BN: torch.Tensor, start: int = 0) -> tuple:
-        """Sequence slots from `start` on, each told the cell it predicts: with start 0 the class slot
-        then `prev_BT`, else `prev_BT` alone (token i sits at cell order[:, start - 1 + i]).
-        -> (x (B, L, D), per-row RoPE rows (B, L, hd/2, 2))."""
-        T, first = prev_BT.shape[1], max(start - 1, 0)
-        x = self.tok_embeddings(prev_BT)
+        """Slots from `start` on, each told the cell it predicts (start 0: the class slot, then `prev_BT`)
+        -> (x (B, L, D), per-row RoPE rows (B, L, hd/2, 2)); token i sits at cell order[:, start - 1 + i]."""
+        T, first, x = prev_BT.shape[1], max(start - 1, 0), self.tok_embeddings(prev_BT)
         freqs = self.rope_rows(T, order_BN[:, first : first + T])  # the class row first
         if start == 0:
             x = torch.cat([self.embed_class(labels_B), x], dim=1)
@@ -59,11 +52,11 @@ class RandomOrderGenerator(RasterGenerator):
 
     def sample_order(self, batch_size: int, generator: torch.Generator | None, order: str = "random") -> torch.Tensor:
         """(B, N) the cells in the order each row visits them."""
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}")
-        device = generator.device if generator is not None else self.device
         if order == "raster":
             return torch.arange(self.num_tokens, device=self.device).expand(batch_size, -1)
+        if order != "random":
+            raise ValueError(f"order must be 'random' or 'raster', got {order!r}")
+        device = generator.device if generator is not None else self.device
         noise = torch.rand(batch_size, self.num_tokens, generator=generator, device=device)
         return noise.argsort(dim=1).to(self.device)
 
@@ -79,8 +72,8 @@ class RandomOrderGenerator(RasterGenerator):
         return self.net.head(self.net.run_blocks(x, freqs, None))
 
     def sequence_loss(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-        ordered, order = self.teacher_inputs(tokens_BN)
-        return self.token_loss(self((ordered, order), labels_B), ordered)
+        inputs = self.teacher_inputs(tokens_BN)
+        return self.token_loss(self(inputs, labels_B), inputs[0])
 
     def position_losses(self, tokens_BN: torch.Tensor, labels_B: torch.Tensor, context_BN: torch.Tensor | None = None,
                         generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
@@ -98,13 +91,11 @@ class RandomOrderGenerator(RasterGenerator):
 
     def step_inputs(self, state: SamplingState) -> torch.Tensor:
         """The token drawn at the previous step, (R, 1); (R, 0) at step 0."""
-        k, order = state.step, state.carry["order"]
-        return state.tokens.gather(1, order[:, max(k - 1, 0) : k])
+        return state.tokens.gather(1, state.carry["order"][:, max(state.step - 1, 0) : state.step])
 
     def forward_step(self, inputs: torch.Tensor, state: SamplingState) -> torch.Tensor:
         x, freqs = self.net.slots(state.labels, inputs, state.carry["order"], start=state.step)
-        slot = torch.tensor([state.step], device=x.device)
-        return self.net.cached_step(x, freqs, slot)
+        return self.net.cached_step(x, freqs, torch.tensor([state.step], device=x.device))
 
     def update_state(self, state: SamplingState, ids_Bl: torch.Tensor, logits_BlV: torch.Tensor) -> SamplingState:
         """Write the drawn token at each row's own cell."""
