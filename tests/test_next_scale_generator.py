@@ -53,7 +53,7 @@ def test_official_sizes_on_the_meta_device():
             assert model.num_steps == 10 and model.num_tokens == 680 and model.paradigm == "next-scale"
             depth = model.net.depth
             assert model.net.C == 64 * depth and model.net.num_heads == depth
-            assert model.net.config["drop_path_rate"] == 0.1 * depth / 24
+            assert model.net.config.drop_path_rate == 0.1 * depth / 24
         tiny = arzoo.create_generator("var-tiny", **VAR_VQVAE_SIZES, num_classes=10)
     assert tiny.net.depth == 4 and tiny.net.C == 128 and tiny.patch_nums == tuple(VAR_VQVAE_SIZES["patch_nums"])
 

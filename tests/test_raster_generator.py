@@ -134,7 +134,7 @@ def test_registry_and_meta_device_sizes():
     with pytest.raises(KeyError, match="unknown generator 'raster-zz'.*raster-b"):
         arzoo.create_generator("raster-zz")
     small = arzoo.create_generator("raster-tiny", vocab_size=64, grid_size=8, n_layer=2)
-    assert small.net.config["n_layer"] == 2 and small.num_tokens == 64
+    assert small.net.config.n_layer == 2 and small.num_tokens == 64
 
 
 # ---- errors a user can cause ------------------------------------------------------------------

@@ -26,7 +26,8 @@ may attend; default block-causal over steps), `logits_to_tokens(logits_BlV, stat
 every position of the step drawn independently by `state.sampler`), `sampler_cls` (the default
 decoding strategy), `update_state(state, ids_Bl, logits_BlV)`
 (default: write the step's tokens; VAR also adds them to its running reconstruction),
-`start_sampling(state)` / `end_sampling(state)` (caches), `cfg_scale(step, cfg)` and
+`start_sampling(state)` / `end_sampling(state)` (caches), `network_cls` (the network, built
+by `build_network` from its config dataclass, whose fields the generator's arguments fill), `cfg_scale(step, cfg)` and
 `guide_logits(cond, uncond, state)` (how the conditional and null-class logits combine; applied in
 one place, `apply_guidance`), `sampling_options` (declared extra `generate()` keywords with their
 defaults, accepted by `arzoo sample --options`), `tokenizer_kind` and `paradigm`. Every sampling
@@ -39,8 +40,9 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping, TypeVar
 
 import lightning as L
 import torch
@@ -56,6 +58,7 @@ from arzoo.optim import check_optimizer_args, warmup_cosine_scheduler
 from arzoo.tokenizers.base import Tokenizer, build_tokenizer, resolve_tokenizer_class
 from arzoo.tokenizers.checkpoint import load_tokenizer
 
+T = TypeVar("T")
 CLASS_KEY = "arzoo_generator_class"  # top-level checkpoint entry naming the concrete class
 
 
@@ -69,6 +72,8 @@ class BaseGenerator(L.LightningModule, metaclass=ABCMeta):
     # The decoding strategy built from `generate(temperature=, top_k=, top_p=, greedy=)`.
     sampler_cls: ClassVar[type[TokenSampler]] = TopKTopPSampler
     net: nn.Module  # the network (the EMA copy and the optimizer see this module only)
+    # The network class `build_network` builds from its `config_cls` dataclass (set by each family).
+    network_cls: ClassVar[type[nn.Module]]
 
     def __init__(
         self,
@@ -105,6 +110,17 @@ class BaseGenerator(L.LightningModule, metaclass=ABCMeta):
         # each rank counts its own batches (summed for the baseline in `_gather_token_counts`); DDP
         # would otherwise overwrite them with rank 0's counts on every forward (buffer broadcast)
         self._ddp_params_and_buffers_to_ignore = ["train_token_counts"]
+
+    def network_config(self, config_cls: type[T], **resolved: Any) -> T:
+        """A network's config dataclass from this generator's constructor arguments of the same names
+        (the network's arguments are written once, in `config_cls`), `resolved` values overriding."""
+        names = {f.name for f in fields(config_cls)}  # type: ignore[arg-type]
+        return config_cls(**{**{k: v for k, v in self.hparams.items() if k in names}, **resolved})
+
+    def build_network(self, **resolved: Any) -> nn.Module:
+        """`self.net`: a `network_cls` built from its config (`network_cls.config_cls`), the fields read
+        from this generator's arguments and `resolved` (sizes resolved against the tokenizer)."""
+        return self.network_cls(self.network_config(self.network_cls.config_cls, **resolved))
 
     # ---- tokenizer -------------------------------------------------------------------------------
 

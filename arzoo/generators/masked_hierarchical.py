@@ -31,7 +31,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from arzoo.checkpoint_io import extract_state_dict, read_checkpoint
 from arzoo.generators.next_scale import PATCH_NUMS_256, NextScaleGenerator
@@ -90,6 +89,7 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
     """
 
     paradigm = "masked-hierarchical"
+    network_cls = HMARTransformer  # its `HMARConfig` reads `n_layers_train` and `attn_backend` from these arguments
     # `refine=None`: refine in stage 2 only (in stage 1 the mask branch is untrained)
     sampling_options = {"mask_schedule": None, "refine": None, "trace": False}
 
@@ -121,12 +121,6 @@ class MaskedHierarchicalGenerator(NextScaleGenerator):
             self.loss_weights = lognorm_loss_weights(self.patch_nums)
         self._initialised = False
         self.set_trainable()
-
-    def build_network(self, **net_kwargs: Any) -> nn.Module:
-        """`HMARTransformer` (the official inference layout) with VAR's network arguments and HMAR's
-        own (`n_layers_train`, `attn_backend`, from the saved constructor arguments)."""
-        return HMARTransformer(n_layers_train=self.hparams.n_layers_train, attn_backend=self.hparams.attn_backend,
-                               **net_kwargs)  # fmt: skip
 
     # ---- stages ----------------------------------------------------------------------------------
 

@@ -47,15 +47,12 @@ class NextNeighborGenerator(RasterGenerator):
     """
 
     paradigm = "next-neighbor"
+    network_cls = NeighborTransformer
     net: NeighborTransformer
 
     def __init__(self, extra_layers: int = 1, **kwargs: Any) -> None:
-        super().__init__(**kwargs)  # builds the network through build_network (reads extra_layers from hparams)
+        super().__init__(**kwargs)  # builds the network (its `NARConfig` reads extra_layers from the arguments)
         self._seq_mask_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def build_network(self, **kwargs: Any) -> NeighborTransformer:
-        """LlamaGen's trunk with NAR's second head (`extra_layers` more blocks under it)."""
-        return NeighborTransformer(extra_layers=self.hparams.extra_layers, **kwargs)
 
     def build_schedule(self) -> list[torch.Tensor]:
         """The anti-diagonals r + c = 0 .. 2g-2, each in increasing-row order."""

@@ -17,11 +17,10 @@ Cv codebook width (`codebook_dim`), V vocabulary, H heads, hd head width.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from arzoo.generators.base import BaseGenerator
 from arzoo.generators.registry import register_sizes
@@ -68,6 +67,7 @@ class NextScaleGenerator(BaseGenerator):
     paradigm = "next-scale"
     tokenizer_kind = MultiScaleVQTokenizer
     sampler_cls = VARSampler
+    network_cls: ClassVar[type[NextScaleTransformer]] = NextScaleTransformer
 
     def __init__(
         self,
@@ -130,30 +130,9 @@ class NextScaleGenerator(BaseGenerator):
         self.label_smoothing = label_smoothing
         self.more_smooth = more_smooth
         self.net = self.build_network(
-            depth=depth,
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            norm_eps=norm_eps,
-            shared_aln=shared_aln,
-            attn_l2_norm=attn_l2_norm,
-            vocab_size=vocab_size,
-            codebook_dim=self.codebook_dim,
-            patch_nums=self.patch_nums,
-            num_classes=self.num_classes,
-            init_adaln=init_adaln,
-            init_adaln_gamma=init_adaln_gamma,
-            init_head=init_head,
-            init_std=init_std,
+            vocab_size=vocab_size, codebook_dim=self.codebook_dim, patch_nums=self.patch_nums, num_classes=self.num_classes
         )
         self.configure_ema()
-
-    def build_network(self, **net_kwargs: Any) -> nn.Module:
-        """`self.net`: `NextScaleTransformer(**net_kwargs)`; a subclass may build another network."""
-        return NextScaleTransformer(**net_kwargs)
 
     @classmethod
     def migrate_arguments(cls, init_args: dict[str, Any]) -> tuple[type[BaseGenerator], dict[str, Any]]:

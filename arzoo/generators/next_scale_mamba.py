@@ -28,6 +28,8 @@ class MambaScaleGenerator(NextScaleGenerator):
     AdaLN vectors, upstream's shared AdaLN has 6). Other arguments are `NextScaleGenerator`'s.
     """
 
+    network_cls = MVARTransformer  # its `MVARConfig` reads the Mamba2 sizes from these arguments
+
     def __init__(
         self,
         mamba_d_state: int = 64,
@@ -41,13 +43,7 @@ class MambaScaleGenerator(NextScaleGenerator):
                 "M-VAR (MambaScaleGenerator) does not support shared_aln=True: each M-VAR block needs 9 AdaLN "
                 "vectors and upstream's shared AdaLN (6 vectors) is broken; use shared_aln=False"
             )
-        super().__init__(**kwargs)  # builds the network (build_network reads the Mamba2 sizes from hparams)
-
-    def build_network(self, **net_kwargs: Any) -> MVARTransformer:
-        """`MVARTransformer` with VAR's network arguments and the saved Mamba2 sizes."""
-        h = self.hparams
-        return MVARTransformer(mamba_d_state=h.mamba_d_state, mamba_d_conv=h.mamba_d_conv,
-                               mamba_expand=h.mamba_expand, mamba_headdim=h.mamba_headdim, **net_kwargs)  # fmt: skip
+        super().__init__(**kwargs)  # builds the network (its config reads the Mamba2 sizes from hparams)
 
     def visibility_mask(self) -> torch.Tensor:
         """(N, N) bool, block-diagonal: attention stays inside each scale (coarser scales reach a

@@ -22,8 +22,8 @@ from arzoo.networks.llamagen import RasterTransformer
 class RandomOrderTransformer(RasterTransformer):
     """LlamaGen's transformer plus one learned embedding per target cell (`target_embeddings`)."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.target_embeddings = nn.Embedding(self.num_tokens, self.dim)
         nn.init.normal_(self.target_embeddings.weight, std=self.initializer_range)
 
@@ -45,10 +45,8 @@ class RandomOrderGenerator(RasterGenerator):
 
     paradigm = "random-order"
     sampling_options = {"order": "random"}  # or "raster": the same model, another order
+    network_cls = RandomOrderTransformer
     net: RandomOrderTransformer
-
-    def build_network(self, **kwargs: Any) -> RandomOrderTransformer:
-        return RandomOrderTransformer(**kwargs)
 
     def sample_order(self, batch_size: int, generator: torch.Generator | None, order: str = "random") -> torch.Tensor:
         """(B, N) the cells in the order each row visits them."""

@@ -6,7 +6,7 @@ keys); this module is the paradigm: one token per step, in the order of `build_s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,6 +33,7 @@ class RasterGenerator(BaseGenerator):
     """
 
     paradigm = "raster"
+    network_cls: ClassVar[type[RasterTransformer]] = RasterTransformer
 
     def __init__(
         self,
@@ -62,30 +63,11 @@ class RasterGenerator(BaseGenerator):
         self.vocab_size, self.scales = vocab_size, scales
         self.grid_size = scales[0][0]
         self.cfg_interval = cfg_interval
-        self.net = self.build_network(
-            dim=dim,
-            n_layer=n_layer,
-            n_head=n_head,
-            vocab_size=vocab_size,
-            num_classes=self.num_classes,
-            grid_size=self.grid_size,
-            multiple_of=multiple_of,
-            ffn_dim_multiplier=ffn_dim_multiplier,
-            rope_base=rope_base,
-            norm_eps=norm_eps,
+        self.net = self.build_network(  # the other fields come from the arguments of the same names
+            vocab_size=vocab_size, num_classes=self.num_classes, grid_size=self.grid_size,
             class_dropout_prob=self.class_dropout_prob,
-            token_dropout_p=token_dropout_p,
-            attn_dropout_p=attn_dropout_p,
-            resid_dropout_p=resid_dropout_p,
-            ffn_dropout_p=ffn_dropout_p,
-            drop_path_rate=drop_path_rate,
-        )
+        )  # fmt: skip
         self.configure_ema()
-
-    def build_network(self, **kwargs: Any) -> RasterTransformer:
-        """The network from `RasterTransformer` keyword arguments; a family variant (NAR's two-head
-        trunk) overrides this to build a subclass with its extra arguments."""
-        return RasterTransformer(**kwargs)
 
     def build_schedule(self) -> list[torch.Tensor]:
         """Raster order: step i predicts cell i."""

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from arzoo.networks.var import NextScaleTransformer
+from arzoo.networks.var import NextScaleTransformer, VARConfig
 from arzoo.networks.var import matmul_dtype as _main_type
 from arzoo.nn.mvar import scale_lengths, segment_attention
 from arzoo.nn.var import SelfAttention
 
-__all__ = ["MASK_BRANCH", "HMARTransformer", "MarkovSelfAttention", "stage1_key_to_inference", "stage2_key_to_inference"]
+__all__ = ["MASK_BRANCH", "HMARConfig", "HMARTransformer", "MarkovSelfAttention", "stage1_key_to_inference", "stage2_key_to_inference"]
 
 # The mask branch's parameters (stage 2 trains these and nothing else).
 MASK_BRANCH = ("mask_blocks.", "mask_head_nm.", "mask_head.", "mask_embed.")
@@ -41,6 +42,25 @@ class MarkovSelfAttention(SelfAttention):
         return super().attend(q, k, v, attn_bias)
 
 
+@dataclass(frozen=True, kw_only=True)
+class HMARConfig(VARConfig):
+    """HMAR's network arguments: VAR's (no shared AdaLN) plus the blocks each branch owns
+    (`n_layers_train`) and the attention backend of teacher forcing."""
+
+    n_layers_train: int = 8
+    attn_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n, depth = self.n_layers_train, self.depth
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= depth:
+            raise ValueError(f"HMAR: n_layers_train must be an int in [1, depth={depth}], got {n!r}")
+        if self.shared_aln:
+            raise ValueError("HMAR has no shared AdaLN (shared_aln=False in every official config)")
+        if self.attn_backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attn_backend must be 'auto', 'sdpa' or 'flex', got {self.attn_backend!r}")
+
+
 class HMARTransformer(NextScaleTransformer):
     """HMAR's network in the official inference layout (SPEC 1), built as the stage-1 network
     (VAR's, `depth` blocks) and then arranged as upstream's `load_base_and_ns_state_dict` does:
@@ -55,17 +75,13 @@ class HMARTransformer(NextScaleTransformer):
     `attn_bias_for_masking` (official buffer) is the block-diagonal additive mask.
     """
 
-    def __init__(self, *, n_layers_train: int = 8, attn_backend: str = "auto", **kwargs: Any) -> None:
-        depth = kwargs.get("depth")
-        if not isinstance(n_layers_train, int) or not isinstance(depth, int) or not 1 <= n_layers_train <= depth:
-            raise ValueError(f"HMAR: n_layers_train must be an int in [1, depth={depth}], got {n_layers_train!r}")
-        if kwargs.get("shared_aln", False):
-            raise ValueError("HMAR has no shared AdaLN (shared_aln=False in every official config)")
-        if attn_backend not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"attn_backend must be 'auto', 'sdpa' or 'flex', got {attn_backend!r}")
-        self.n_layers_train, self.attn_backend = n_layers_train, attn_backend  # read by build_mixer
-        super().__init__(**kwargs)
-        self.config.update(n_layers_train=n_layers_train)
+    config_cls = HMARConfig
+    config: HMARConfig
+
+    def __init__(self, config: HMARConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.n_layers_train = n_layers_train = self.config.n_layers_train
+        depth = self.depth
         self.scale_lens = scale_lengths(self.patch_nums)
         base = depth - n_layers_train
         blocks = list(self.blocks)
@@ -90,7 +106,7 @@ class HMARTransformer(NextScaleTransformer):
             self.C, self.num_heads, attn_drop=self.attn_drop_rate, proj_drop=self.drop_rate,
             attn_l2_norm=self.attn_l2_norm,
         )  # fmt: skip
-        mixer.attn_backend = self.attn_backend
+        mixer.attn_backend = self.config.attn_backend
         return mixer
 
     def build_attn_bias(self, scale_of_position: torch.Tensor) -> torch.Tensor:

@@ -6,15 +6,66 @@ sections 1-4 and 6.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from arzoo.networks.config import check_positive_ints, config_to_dict, network_config
 from arzoo.nn.llama import RMSNorm, TransformerBlock
 from arzoo.nn.rope import rope_2d_table
 
-__all__ = ["ClassEmbedding", "RasterTransformer"]
+__all__ = ["ClassEmbedding", "LlamaGenConfig", "LlamaGenTrunk", "RasterTransformer"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaGenConfig:
+    """LlamaGen's GPT arguments, written once (upstream's `ModelArgs`, c2i); checked on construction.
+
+    `class_dropout_prob > 0` adds the null-class row used by CFG (the dropout itself is the caller's).
+    """
+
+    dim: int
+    n_layer: int
+    n_head: int
+    vocab_size: int
+    num_classes: int
+    grid_size: int
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    class_dropout_prob: float = 0.1
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    drop_path_rate: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_positive_ints(name, dim=self.dim, n_layer=self.n_layer, n_head=self.n_head, vocab_size=self.vocab_size,
+                            num_classes=self.num_classes, grid_size=self.grid_size)  # fmt: skip
+        if self.dim % self.n_head != 0:
+            raise ValueError(f"{name}: dim {self.dim} is not divisible by n_head {self.n_head}")
+        if (self.dim // self.n_head) % 4 != 0:
+            raise ValueError(
+                f"{name}: head dim {self.dim // self.n_head} (dim {self.dim} / n_head {self.n_head}) must be a "
+                "multiple of 4 for the 2-D RoPE"
+            )
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"{name}: class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks in the trunk (`layers.{i}`)."""
+        return self.n_layer
+
+    def to_dict(self) -> dict[str, Any]:
+        """The arguments as a plain dict, e.g. for JSON."""
+        return config_to_dict(self)
 
 
 class ClassEmbedding(nn.Module):
@@ -57,66 +108,15 @@ class LlamaGenTrunk(nn.Module):
     here only decides whether the null-class row exists.
     """
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        n_layer: int,
-        n_head: int,
-        vocab_size: int,
-        num_classes: int,
-        grid_size: int,
-        multiple_of: int = 256,
-        ffn_dim_multiplier: float | None = None,
-        rope_base: float = 10000.0,
-        norm_eps: float = 1e-5,
-        class_dropout_prob: float = 0.1,
-        token_dropout_p: float = 0.1,
-        attn_dropout_p: float = 0.0,
-        resid_dropout_p: float = 0.1,
-        ffn_dropout_p: float = 0.1,
-        drop_path_rate: float = 0.0,
-        initializer_range: float = 0.02,
-    ) -> None:
+    config_cls: ClassVar[type[LlamaGenConfig]] = LlamaGenConfig  # a subclass with more arguments extends it
+
+    def __init__(self, config: LlamaGenConfig | None = None, **kwargs: Any) -> None:
+        """Built from `config`, or from its fields as keyword arguments (`RasterTransformer(dim=64, ...)`)."""
         super().__init__()
-        for name, value in (
-            ("dim", dim),
-            ("n_layer", n_layer),
-            ("n_head", n_head),
-            ("vocab_size", vocab_size),
-            ("num_classes", num_classes),
-            ("grid_size", grid_size),
-        ):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"RasterTransformer: {name} must be a positive int, got {value!r}")
-        if dim % n_head != 0:
-            raise ValueError(f"RasterTransformer: dim {dim} is not divisible by n_head {n_head}")
-        if (dim // n_head) % 4 != 0:
-            raise ValueError(
-                f"RasterTransformer: head dim {dim // n_head} (dim {dim} / n_head {n_head}) must be a "
-                "multiple of 4 for the 2-D RoPE"
-            )
-        if not 0.0 <= class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
-        self.config: dict[str, Any] = dict(
-            dim=dim,
-            n_layer=n_layer,
-            n_head=n_head,
-            vocab_size=vocab_size,
-            num_classes=num_classes,
-            grid_size=grid_size,
-            multiple_of=multiple_of,
-            ffn_dim_multiplier=ffn_dim_multiplier,
-            rope_base=rope_base,
-            norm_eps=norm_eps,
-            class_dropout_prob=class_dropout_prob,
-            token_dropout_p=token_dropout_p,
-            attn_dropout_p=attn_dropout_p,
-            resid_dropout_p=resid_dropout_p,
-            ffn_dropout_p=ffn_dropout_p,
-            drop_path_rate=drop_path_rate,
-            initializer_range=initializer_range,
-        )
+        c = self.config = network_config(self.config_cls, config, kwargs, type(self).__name__)
+        dim, n_layer, n_head, vocab_size = c.dim, c.n_layer, c.n_head, c.vocab_size
+        num_classes, grid_size, class_dropout_prob = c.num_classes, c.grid_size, c.class_dropout_prob
+        multiple_of, ffn_dim_multiplier, norm_eps = c.multiple_of, c.ffn_dim_multiplier, c.norm_eps
         self.dim = dim
         self.n_layer = n_layer
         self.n_head = n_head
@@ -128,13 +128,13 @@ class LlamaGenTrunk(nn.Module):
         self.class_dropout_prob = class_dropout_prob
         self.has_null_class = class_dropout_prob > 0
         self.null_class = num_classes  # valid only when has_null_class
-        self.initializer_range = initializer_range
+        self.initializer_range = c.initializer_range
 
         # Same construction order as upstream (so the default-init RNG stream matches too).
         self.cls_embedding = ClassEmbedding(num_classes, dim, self.has_null_class)
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
-        self.tok_dropout = nn.Dropout(token_dropout_p)
-        rates = [r.item() for r in torch.linspace(0, drop_path_rate, n_layer, device="cpu")]
+        self.tok_dropout = nn.Dropout(c.token_dropout_p)
+        rates = [r.item() for r in torch.linspace(0, c.drop_path_rate, c.num_blocks, device="cpu")]
         self.layers = nn.ModuleList(
             TransformerBlock(
                 dim,
@@ -142,9 +142,9 @@ class LlamaGenTrunk(nn.Module):
                 multiple_of=multiple_of,
                 ffn_dim_multiplier=ffn_dim_multiplier,
                 norm_eps=norm_eps,
-                attn_dropout_p=attn_dropout_p,
-                resid_dropout_p=resid_dropout_p,
-                ffn_dropout_p=ffn_dropout_p,
+                attn_dropout_p=c.attn_dropout_p,
+                resid_dropout_p=c.resid_dropout_p,
+                ffn_dropout_p=c.ffn_dropout_p,
                 drop_path=rate,
             )
             for rate in rates
@@ -153,7 +153,7 @@ class LlamaGenTrunk(nn.Module):
         self.output = nn.Linear(dim, vocab_size, bias=False)
 
         # (1 + N, hd/2, 2) float32; plain attribute (see the class docstring).
-        self.freqs_cis = rope_2d_table(grid_size, self.head_dim, rope_base, cls_token_num=1, device="cpu")
+        self.freqs_cis = rope_2d_table(grid_size, self.head_dim, c.rope_base, cls_token_num=1, device="cpu")
         # Set by setup_cache.
         self.causal_mask: torch.Tensor | None = None
         self._slots: torch.Tensor | None = None

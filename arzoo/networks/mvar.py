@@ -4,16 +4,49 @@ Mamba across scales. Facts: docs/parity/mvar.md."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from arzoo.networks.var import NextScaleTransformer, matmul_dtype
+from arzoo.networks.config import check_positive_ints
+from arzoo.networks.var import NextScaleTransformer, VARConfig, matmul_dtype
 from arzoo.nn.mamba import Mamba2State
 from arzoo.nn.mvar import MVARBlock
 
-__all__ = ["MVARTransformer"]
+__all__ = ["MVARConfig", "MVARTransformer"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MVARConfig(VARConfig):
+    """M-VAR's network arguments: VAR's plus each block's Mamba2 sizes (M-VAR's values, mamba-ssm
+    2.2's defaults) and the attention backend of teacher forcing."""
+
+    mamba_d_state: int = 64
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_headdim: int = 64
+    attn_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shared_aln:
+            raise ValueError(
+                "MVARConfig (M-VAR) does not support shared_aln=True: each M-VAR block needs 9 AdaLN "
+                "vectors and upstream's shared AdaLN (6 vectors) is broken; use shared_aln=False"
+            )
+        check_positive_ints("MVARConfig", **{f"mamba_{k}": v for k, v in self.mamba_kwargs().items()})
+        if (self.mamba_expand * self.embed_dim) % self.mamba_headdim:
+            raise ValueError(
+                f"MVARConfig: the Mamba2 width mamba_expand * embed_dim = {self.mamba_expand * self.embed_dim} is "
+                f"not divisible by mamba_headdim {self.mamba_headdim}"
+            )
+
+    def mamba_kwargs(self) -> dict[str, int]:
+        """The Mamba2 sizes as `Mamba2`'s own argument names."""
+        return dict(d_state=self.mamba_d_state, d_conv=self.mamba_d_conv, expand=self.mamba_expand,
+                    headdim=self.mamba_headdim)  # fmt: skip
 
 
 class MVARTransformer(NextScaleTransformer):
@@ -47,40 +80,11 @@ class MVARTransformer(NextScaleTransformer):
     Mamba2's own init).
     """
 
-    def __init__(
-        self,
-        *,
-        mamba_d_state: int = 64,
-        mamba_d_conv: int = 4,
-        mamba_expand: int = 2,
-        mamba_headdim: int = 64,
-        attn_backend: str = "auto",
-        **kwargs: Any,
-    ) -> None:
-        if kwargs.get("shared_aln", False):
-            raise ValueError(
-                "MVARTransformer (M-VAR) does not support shared_aln=True: each M-VAR block needs 9 AdaLN "
-                "vectors and upstream's shared AdaLN (6 vectors) is broken; use shared_aln=False"
-            )
-        for name, value in (("mamba_d_state", mamba_d_state), ("mamba_d_conv", mamba_d_conv),
-                            ("mamba_expand", mamba_expand), ("mamba_headdim", mamba_headdim)):  # fmt: skip
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"MVARTransformer: {name} must be a positive int, got {value!r}")
-        embed_dim = kwargs.get("embed_dim")
-        if isinstance(embed_dim, int) and (mamba_expand * embed_dim) % mamba_headdim:
-            raise ValueError(
-                f"MVARTransformer: the Mamba2 width mamba_expand * embed_dim = {mamba_expand * embed_dim} is not "
-                f"divisible by mamba_headdim {mamba_headdim}"
-            )
-        # read by build_block while the parent constructor builds the blocks
-        self.mamba_kwargs = dict(d_state=mamba_d_state, d_conv=mamba_d_conv, expand=mamba_expand,
-                                 headdim=mamba_headdim)  # fmt: skip
-        self.attn_backend = attn_backend
-        super().__init__(**kwargs)
-        self.config.update(
-            inter_scale="mamba", mamba_d_state=mamba_d_state, mamba_d_conv=mamba_d_conv,
-            mamba_expand=mamba_expand, mamba_headdim=mamba_headdim,
-        )  # fmt: skip
+    config_cls = MVARConfig
+    config: MVARConfig
+
+    def __init__(self, config: MVARConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
         self._mamba_states: list[Mamba2State | None] | None = None  # per block, while sampling
         self._next_scale = 0
 
@@ -103,8 +107,8 @@ class MVARTransformer(NextScaleTransformer):
             drop=self.drop_rate,
             attn_drop=self.attn_drop_rate,
             drop_path=drop_path,
-            mamba_kwargs=self.mamba_kwargs,
-            attn_backend=self.attn_backend,
+            mamba_kwargs=self.config.mamba_kwargs(),
+            attn_backend=self.config.attn_backend,
         )
 
     @torch.no_grad()

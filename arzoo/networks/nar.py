@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from arzoo.networks.llamagen import LlamaGenTrunk
+from arzoo.networks.llamagen import LlamaGenConfig, LlamaGenTrunk
 from arzoo.nn.llama import RMSNorm
 
-__all__ = ["NeighborPlan", "NeighborStep", "NeighborTransformer", "combine_heads", "neighbor_plan"]
+__all__ = ["NARConfig", "NeighborPlan", "NeighborStep", "NeighborTransformer", "combine_heads", "neighbor_plan"]
 
 
 # ---- the schedule, once per grid size ----------------------------------------------------------
@@ -159,6 +159,24 @@ def _combine(right_BSV: torch.Tensor, below_BSV: torch.Tensor, routing: dict[str
 # ---- network: LlamaGen's GPT with NAR's second head ----------------------------------------------
 
 
+@dataclass(frozen=True, kw_only=True)
+class NARConfig(LlamaGenConfig):
+    """NAR's network arguments: LlamaGen's, `n_layer` blocks under the right head, plus
+    `extra_layers` (upstream's `medusa_attention_num`) more under the below head."""
+
+    extra_layers: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.extra_layers, int) or isinstance(self.extra_layers, bool) or self.extra_layers < 0:
+            raise ValueError(f"extra_layers (NAR's medusa_attention_num) must be an int >= 0, got {self.extra_layers!r}")
+
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks in the trunk: `n_layer` under the right head, then `extra_layers`."""
+        return self.n_layer + self.extra_layers
+
+
 class NeighborTransformer(LlamaGenTrunk):
     """NAR's class-conditional GPT: LlamaGen's trunk of `n_layer + extra_layers` blocks, two heads.
 
@@ -171,16 +189,13 @@ class NeighborTransformer(LlamaGenTrunk):
     that cell's RoPE row), the layout upstream trains and decodes with.
     """
 
-    def __init__(self, *, n_layer: int, extra_layers: int = 1, **kwargs: Any) -> None:
-        if not isinstance(extra_layers, int) or extra_layers < 0:
-            raise ValueError(f"extra_layers (NAR's medusa_attention_num) must be an int >= 0, got {extra_layers!r}")
-        if not isinstance(n_layer, int) or n_layer <= 0:
-            raise ValueError(f"NeighborTransformer: n_layer must be a positive int, got {n_layer!r}")
-        super().__init__(n_layer=n_layer + extra_layers, **kwargs)
-        self.n_layer = n_layer  # blocks under the right head; the below head reads all of them
-        self.extra_layers = extra_layers
-        self.config.update(n_layer=n_layer, extra_layers=extra_layers)
-        self.medusa_norm = RMSNorm(self.dim, eps=self.config["norm_eps"])
+    config_cls = NARConfig
+    config: NARConfig
+
+    def __init__(self, config: NARConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)  # the trunk: config.num_blocks = n_layer + extra_layers blocks
+        self.extra_layers = self.config.extra_layers  # `self.n_layer` blocks under the right head
+        self.medusa_norm = RMSNorm(self.dim, eps=self.config.norm_eps)
         self.medusa_output = nn.Linear(self.dim, self.vocab_size, bias=False)
         self.medusa_output.weight.data.normal_(mean=0.0, std=self.initializer_range)
         self.plan = neighbor_plan(self.grid_size)

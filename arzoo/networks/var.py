@@ -8,14 +8,55 @@ Cv codebook width, V vocabulary, H heads, hd head width.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from arzoo.networks.config import check_positive_ints, config_to_dict, network_config
 from arzoo.nn.var import AdaLNBeforeHead, AdaLNSelfAttn, SelfAttention, SharedAdaLin
 
-__all__ = ["NextScaleTransformer", "matmul_dtype"]
+__all__ = ["NextScaleTransformer", "VARConfig", "matmul_dtype"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VARConfig:
+    """VAR's network arguments, written once (upstream's `VAR.__init__`); checked on construction."""
+
+    depth: int
+    embed_dim: int
+    num_heads: int
+    vocab_size: int
+    codebook_dim: int
+    patch_nums: tuple[int, ...]
+    num_classes: int
+    mlp_ratio: float = 4.0
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6
+    shared_aln: bool = False
+    attn_l2_norm: bool = True
+    init_adaln: float = 0.5
+    init_adaln_gamma: float = 1e-5
+    init_head: float = 0.02
+    init_std: float = -1.0  # < 0: sqrt(1 / 3C), as the official training script
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_positive_ints(name, depth=self.depth, embed_dim=self.embed_dim, num_heads=self.num_heads,
+                            vocab_size=self.vocab_size, codebook_dim=self.codebook_dim, num_classes=self.num_classes)  # fmt: skip
+        if self.embed_dim % self.num_heads != 0:
+            raise ValueError(f"{name}: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        patch_nums = tuple(int(pn) for pn in self.patch_nums)
+        if len(patch_nums) < 2 or any(pn <= 0 for pn in patch_nums):
+            raise ValueError(f"{name}: patch_nums must hold at least 2 positive scale sides, got {list(patch_nums)}")
+        object.__setattr__(self, "patch_nums", patch_nums)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The arguments as a plain dict (`patch_nums` a list), e.g. for JSON."""
+        return config_to_dict(self)
 
 
 class NextScaleTransformer(nn.Module):
@@ -38,67 +79,18 @@ class NextScaleTransformer(nn.Module):
     `forward_scale` can reuse (`MVARTransformer` overrides all of these).
     """
 
-    def __init__(
-        self,
-        *,
-        depth: int,
-        embed_dim: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        norm_eps: float = 1e-6,
-        shared_aln: bool = False,
-        attn_l2_norm: bool = True,
-        vocab_size: int,
-        codebook_dim: int,
-        patch_nums: Sequence[int],
-        num_classes: int,
-        init_adaln: float = 0.5,
-        init_adaln_gamma: float = 1e-5,
-        init_head: float = 0.02,
-        init_std: float = -1.0,
-    ) -> None:
+    config_cls: ClassVar[type[VARConfig]] = VARConfig  # a subclass with more arguments extends it
+
+    def __init__(self, config: VARConfig | None = None, **kwargs: Any) -> None:
+        """Built from `config`, or from its fields as keyword arguments (`NextScaleTransformer(depth=2, ...)`)."""
         super().__init__()
-        for name, value in (
-            ("depth", depth),
-            ("embed_dim", embed_dim),
-            ("num_heads", num_heads),
-            ("vocab_size", vocab_size),
-            ("codebook_dim", codebook_dim),
-            ("num_classes", num_classes),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"NextScaleTransformer: {name} must be a positive int, got {value!r}")
-        if embed_dim % num_heads != 0:
-            raise ValueError(f"NextScaleTransformer: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        patch_nums = tuple(int(pn) for pn in patch_nums)
-        if len(patch_nums) < 2 or any(pn <= 0 for pn in patch_nums):
-            raise ValueError(
-                f"NextScaleTransformer: patch_nums must hold at least 2 positive scale sides, got {list(patch_nums)}"
-            )
-        self.config: dict[str, Any] = dict(
-            depth=depth,
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            norm_eps=norm_eps,
-            shared_aln=shared_aln,
-            attn_l2_norm=attn_l2_norm,
-            vocab_size=vocab_size,
-            codebook_dim=codebook_dim,
-            patch_nums=patch_nums,
-            num_classes=num_classes,
-        )
-        self.depth, self.C, self.D, self.num_heads = depth, embed_dim, embed_dim, num_heads
-        self.V, self.Cvae, self.num_classes = vocab_size, codebook_dim, num_classes
-        self.mlp_ratio, self.drop_rate, self.attn_drop_rate = mlp_ratio, drop_rate, attn_drop_rate
-        self.norm_eps, self.shared_aln, self.attn_l2_norm = norm_eps, shared_aln, attn_l2_norm
-        self.patch_nums = patch_nums
+        c = self.config = network_config(self.config_cls, config, kwargs, type(self).__name__)  # the build_* hooks read it
+        self.depth, self.C, self.D, self.num_heads = c.depth, c.embed_dim, c.embed_dim, c.num_heads
+        self.V, self.Cvae, self.num_classes = c.vocab_size, c.codebook_dim, c.num_classes
+        self.mlp_ratio, self.drop_rate, self.attn_drop_rate = c.mlp_ratio, c.drop_rate, c.attn_drop_rate
+        self.norm_eps, self.shared_aln, self.attn_l2_norm = c.norm_eps, c.shared_aln, c.attn_l2_norm
+        self.patch_nums = patch_nums = c.patch_nums
+        embed_dim = c.embed_dim
         self.L = sum(pn * pn for pn in patch_nums)
         self.first_l = patch_nums[0] ** 2
         self.begin_ends: list[tuple[int, int]] = []
@@ -109,8 +101,8 @@ class NextScaleTransformer(nn.Module):
 
         # Construction order as upstream (so the state dict lists the keys in the official order).
         init_std_auto = math.sqrt(1 / embed_dim / 3)
-        self.word_embed = nn.Linear(codebook_dim, embed_dim)
-        self.class_emb = nn.Embedding(num_classes + 1, embed_dim)
+        self.word_embed = nn.Linear(c.codebook_dim, embed_dim)
+        self.class_emb = nn.Embedding(c.num_classes + 1, embed_dim)
         nn.init.trunc_normal_(self.class_emb.weight.data, mean=0, std=init_std_auto)
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, embed_dim))
         nn.init.trunc_normal_(self.pos_start.data, mean=0, std=init_std_auto)
@@ -124,10 +116,10 @@ class NextScaleTransformer(nn.Module):
         nn.init.trunc_normal_(self.lvl_embed.weight.data, mean=0, std=init_std_auto)
 
         self.shared_ada_lin: nn.Module = nn.Identity()
-        if shared_aln:
+        if c.shared_aln:
             self.shared_ada_lin = nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(embed_dim, 6 * embed_dim))
-        rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth, device="cpu")]
-        self.blocks = nn.ModuleList(self.build_block(block_idx, rates[block_idx]) for block_idx in range(depth))
+        rates = [r.item() for r in torch.linspace(0, c.drop_path_rate, c.depth, device="cpu")]
+        self.blocks = nn.ModuleList(self.build_block(block_idx, rates[block_idx]) for block_idx in range(c.depth))
 
         # Scale index of every position, and the additive attention mask of teacher forcing
         # (`build_attn_bias`); official buffers, in official checkpoints.
@@ -135,9 +127,9 @@ class NextScaleTransformer(nn.Module):
         self.register_buffer("lvl_1L", d.transpose(1, 2)[:, 0].contiguous())
         self.register_buffer("attn_bias_for_masking", self.build_attn_bias(d[0, :, 0]).contiguous())
 
-        self.head_nm = AdaLNBeforeHead(embed_dim, self.D, norm_eps=norm_eps)
-        self.head = nn.Linear(embed_dim, vocab_size)
-        self.init_weights(init_adaln, init_adaln_gamma, init_head, init_std)
+        self.head_nm = AdaLNBeforeHead(embed_dim, self.D, norm_eps=c.norm_eps)
+        self.head = nn.Linear(embed_dim, c.vocab_size)
+        self.init_weights(c.init_adaln, c.init_adaln_gamma, c.init_head, c.init_std)
 
     def build_block(self, block_idx: int, drop_path: float) -> nn.Module:
         """Block `block_idx` (`blocks.{b}`): VAR's `AdaLNSelfAttn` around `build_mixer(block_idx)`.
