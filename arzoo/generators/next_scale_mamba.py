@@ -38,12 +38,7 @@ class MambaScaleGenerator(NextScaleGenerator):
         mamba_headdim: int = 64,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("shared_aln"):
-            raise ValueError(
-                "M-VAR (MambaScaleGenerator) does not support shared_aln=True: each M-VAR block needs 9 AdaLN "
-                "vectors and upstream's shared AdaLN (6 vectors) is broken; use shared_aln=False"
-            )
-        super().__init__(**kwargs)  # builds the network (its config reads the Mamba2 sizes from hparams)
+        super().__init__(**kwargs)  # builds the network; its MVARConfig reads the Mamba2 sizes and refuses shared_aln
 
     def visibility_mask(self) -> torch.Tensor:
         """(N, N) bool, block-diagonal: attention stays inside each scale (coarser scales reach a
